@@ -1,0 +1,41 @@
+# reglab: `make run` trains the default study, `make test` runs the suite, `make ui` opens MLflow on 127.0.0.1.
+# Every target creates .venv and installs the package (with the dev extra) first if needed.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UI_PORT ?= 5000
+export NO_ALBUMENTATIONS_UPDATE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install run test test-fast ui bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) scripts/train.py model=mlp data=digits trainer.max_epochs=20 logger.experiment=quickstart
+	@echo "Open the run: make ui  (then http://127.0.0.1:$(UI_PORT))"
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow and not e2e"
+
+ui: install
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui \
+	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlruns/artifacts \
+	  --host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+lint: install
+	$(VENV)/bin/hadolint Dockerfile
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,66 @@
+"""Batches sliced from tensors held in memory (or on the GPU): no per-sample Python, no worker processes.
+
+For datasets that fit in memory (digits, MNIST-1D, MNIST, CIFAR) this is what makes small models fast: a
+DataLoader over a TensorDataset collates every sample in Python. Under DDP each rank takes every
+world_size-th index of the same seeded permutation, so ranks see disjoint shards of equal length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class TensorLoader:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.x, self.y = x, y
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    # Lightning calls `dataloader.sampler.set_epoch(epoch)` at the start of each epoch (fabric's
+    # _set_sampler_epoch); exposing it keeps the shuffle order a function of the epoch, also after a resume.
+    batch_sampler = None  # read by Lightning's shuffle check alongside `sampler`
+
+    @property
+    def sampler(self) -> "TensorLoader":
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.y)
+        if self.shuffle:
+            # A fresh, reproducible permutation per epoch: seed and epoch fix it, so a resumed run sees the same
+            # order the uninterrupted run would have.
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            idx = torch.randperm(n, generator=g)
+        else:
+            idx = torch.arange(n)
+        if self.world_size > 1:
+            idx = idx[: n - n % self.world_size][self.rank :: self.world_size]
+        return idx.to(self.y.device)
+
+    def __len__(self) -> int:
+        n = len(self.y) // self.world_size if self.world_size > 1 else len(self.y)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        idx = self._indices()
+        for b in range(len(self)):
+            i = idx[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.x[i], self.y[i]

@@ -1,0 +1,74 @@
+"""Fully connected network: in -> [width] * depth -> num_classes.
+
+Each hidden layer is Linear -> (norm, activation in the order `norm_position` says) -> dropout slot. The dropout
+slots (`input_dropout`, `hidden[i].dropout`) start as nn.Identity; dropout regularizers fill them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from reglab.regularization.normalization import check_position, make_norm
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
+
+
+def make_activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"model.activation={name!r} is not one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class HiddenLayer(nn.Module):
+    def __init__(self, in_features: int, width: int, activation: str, norm: str, norm_position: str):
+        super().__init__()
+        self.linear = nn.Linear(in_features, width)
+        self.norm = make_norm(norm, width, spatial=False)
+        self.act = make_activation(activation)
+        self.norm_first = norm_position == "pre"
+        self.dropout: nn.Module = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        x = self.act(self.norm(x)) if self.norm_first else self.norm(self.act(x))
+        return self.dropout(x)
+
+
+class MLP(nn.Module):
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        width: int = 512,
+        depth: int = 2,
+        activation: str = "relu",
+        norm: str = "none",
+        norm_position: str = "pre",
+    ):
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"model.width must be >= 1, got {width}")
+        if depth < 0:
+            raise ValueError(f"model.depth must be >= 0, got {depth}")
+        check_position(norm_position)
+        self.width, self.depth = width, depth
+        in_features = math.prod(input_shape)
+        self.input_dropout: nn.Module = nn.Identity()
+        self.hidden = nn.ModuleList(
+            HiddenLayer(in_features if i == 0 else width, width, activation, norm, norm_position)
+            for i in range(depth)
+        )
+        self.head = nn.Linear(width if depth else in_features, num_classes)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_dropout(x.flatten(1))
+        for layer in self.hidden:
+            x = layer(x)
+        return self.head(x)

@@ -1,0 +1,133 @@
+"""run(cfg) -> metrics: the whole wiring of one training run, in the order it happens.
+
+data -> model -> regularizers -> Classifier -> logger -> callbacks -> Trainer -> fit -> test. scripts/train.py is a
+thin @hydra.main wrapper around it; tests call it with composed configs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from reglab import tracking
+from reglab.classifier import Classifier
+from reglab.config import validate
+from reglab.errors import ConfigError, DivergenceError
+
+# Lightning's start-up chatter (accelerator lines, a cloud-logger advert) and a deprecation inside Lightning itself
+# bury the lines a researcher needs; warnings from our own code and real Lightning warnings stay.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+def build_data(cfg: DictConfig):
+    return instantiate(cfg.data, seed=cfg.seed)
+
+
+def build_model(cfg: DictConfig, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
+    try:
+        return instantiate(cfg.model, input_shape=tuple(input_shape), num_classes=num_classes)
+    except Exception as e:  # Hydra wraps constructor errors; surface the model's own message
+        cause = e.__cause__ or e
+        raise ConfigError(str(cause).splitlines()[0]) from None
+
+
+def build_regularizers(cfg: DictConfig) -> dict[str, Any]:
+    regs = {}
+    for name, node in (cfg.get("regularization") or {}).items():
+        try:
+            regs[name] = instantiate(node)
+        except Exception as e:
+            cause = e.__cause__ or e
+            raise ConfigError(f"regularization.{name}: {str(cause).splitlines()[0]}") from None
+    return regs
+
+
+def run_name(cfg: DictConfig) -> str:
+    if cfg.get("run_name"):
+        return cfg.run_name
+    model = cfg.model._target_.rsplit(".", 1)[-1].lower()
+    return f"{model}-w{cfg.model.get('width', 'x')}-s{cfg.seed}"
+
+
+def build_logger(cfg: DictConfig, name: str, fp: str):
+    if cfg.logger.backend == "none":
+        return None
+    if cfg.logger.backend != "mlflow":
+        raise ConfigError(f"logger.backend={cfg.logger.backend!r} is not one of mlflow, none")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    uri, artifacts = tracking.resolve_tracking(cfg.logger.get("tracking_uri"), cfg.paths.root)
+    tags = {"fingerprint": fp, **tracking.run_tags(), **(cfg.logger.get("tags") or {})}
+    return MLFlowLogger(
+        experiment_name=cfg.logger.experiment,
+        run_name=name,
+        tracking_uri=uri,
+        artifact_location=artifacts,
+        tags=tags,
+        log_model=bool(cfg.logger.get("log_model", False)),
+        run_id=cfg.logger.get("run_id"),
+    )
+
+
+def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        if name == "progress" and not sys.stdout.isatty():
+            continue  # no bar in logs and CI
+        kwargs = {"dirpath": str(ckpt_dir)} if name == "checkpoint" else {}
+        callbacks.append(instantiate(node, **kwargs))
+    return callbacks
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    fp = tracking.fingerprint(cfg)
+    name = run_name(cfg)
+
+    dm = build_data(cfg)
+    dm.setup()
+    net = build_model(cfg, dm.input_shape, dm.num_classes)
+    module = Classifier(net, optim=OmegaConf.to_container(cfg.optim, resolve=True),
+                        regularizers=build_regularizers(cfg))
+
+    ckpt_dir = Path(cfg.paths.checkpoints) / f"{name}-{fp[:12]}"
+    logger = build_logger(cfg, name, fp)
+    callbacks = build_callbacks(cfg, ckpt_dir)
+    has_progress = any(type(c).__name__ == "RichProgressBar" for c in callbacks)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
+                                     enable_progress_bar=has_progress, default_root_dir=str(ckpt_dir))
+    if logger is not None:
+        params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+        params.update({"model.params": module.num_params, "data.label_noise_realized": dm.label_noise_realized})
+        logger.log_hyperparams(params)
+        logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        logger.log_metrics({"data/label_noise_realized": dm.label_noise_realized}, step=0)
+
+    try:
+        trainer.fit(module, datamodule=dm)
+    except DivergenceError as e:
+        if logger is not None:
+            logger.experiment.set_tag(logger.run_id, "failure_reason", f"divergence: {e}")
+            logger.finalize("failed")
+        raise
+    # With early stopping the model to report is the best checkpoint (the lecture's theta*); otherwise the final
+    # weights, which is what epoch-wise studies such as double descent measure.
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
+    use_best = trainer.early_stopping_callback is not None and trainer.checkpoint_callback is not None \
+        and bool(trainer.checkpoint_callback.best_model_path)
+    trainer.test(module, datamodule=dm, ckpt_path="best" if use_best else None, verbose=False)
+    metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}}
+    metrics["model/params"] = float(module.num_params)
+    return metrics
