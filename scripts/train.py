@@ -9,13 +9,13 @@ from omegaconf import DictConfig
 
 import reglab  # noqa: F401  (sets the no-network environment before Lightning, MLflow and albumentations load)
 from reglab.errors import ReglabError
-from reglab.train import run
+from reglab.train import main as run_config
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = run(cfg)
+        metrics = run_config(cfg)
     except ReglabError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -6,7 +6,9 @@ thin @hydra.main wrapper around it; tests call it with composed configs.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
 import sys
 import warnings
 from pathlib import Path
@@ -131,3 +133,21 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}}
     metrics["model/params"] = float(module.num_params)
     return metrics
+
+
+def study_runners() -> list[str]:
+    import reglab.studies
+
+    return sorted(m.name for m in pkgutil.iter_modules(reglab.studies.__path__) if not m.name.startswith("_"))
+
+
+def main(cfg: DictConfig) -> dict[str, float]:
+    """Entry for scripts/train.py: `runner: train` (default) trains one Classifier; a study preset may name a
+    module of reglab.studies whose run(cfg) does work that is not one Classifier fit (closed forms, many small
+    fits), e.g. `runner: polynomial`."""
+    runner = cfg.get("runner", "train")
+    if runner == "train":
+        return run(cfg)
+    if runner not in study_runners():
+        raise ConfigError(f"runner={runner!r} is not train or one of {', '.join(study_runners())}")
+    return importlib.import_module(f"reglab.studies.{runner}").run(cfg)
