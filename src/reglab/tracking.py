@@ -86,3 +86,37 @@ def run_tags() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return tags
+
+
+# --- studies: one parent run per study, one child run per configuration -----------------------------------------
+def client_and_experiment(tracking_uri: str | None, root: str | Path, experiment: str):
+    """(MlflowClient, experiment id), creating the experiment with its artifact folder when new."""
+    from mlflow.tracking import MlflowClient
+
+    uri, artifacts = resolve_tracking(tracking_uri, root)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifacts)
+    return client, exp_id
+
+
+def study_parent(client, experiment_id: str, study: str, study_key: str, params: dict | None = None) -> str:
+    """Run id of the parent run of `study` whose sweep-independent config hashes to `study_key`; created (and
+    tagged study=<name>, reglab.role=parent) when none exists, so a rerun of the same study reuses its parent."""
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.study = '{study}' and tags.`reglab.study_key` = '{study_key}' and tags.`reglab.role` = 'parent'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=study,
+                            tags={"study": study, "reglab.study_key": study_key, "reglab.role": "parent",
+                                  **run_tags()})
+    for k, v in (params or {}).items():
+        client.log_param(run.info.run_id, k, v)
+    return run.info.run_id
+
+
+def child_tags(parent_run_id: str, study: str) -> dict[str, str]:
+    return {"mlflow.parentRunId": parent_run_id, "study": study, "reglab.role": "child"}
