@@ -50,14 +50,14 @@ class VisionDataModule(InMemoryDataModule):
             ) from None
         if not self.download:
             raise DataError(
-                f"{self.name}: dataset files not found under {self.root}/ and data.download=false; "
+                f"{self.name}: dataset files missing or corrupted under {self.root}/ and data.download=false; "
                 f"copy the torchvision {cls.__name__} files there or set data.download=true"
             )
         try:
             return cls(str(self.root), train=train, download=True)
         except Exception as e:
             raise DataError(
-                f"{self.name}: dataset files not found under {self.root}/ and the download failed "
+                f"{self.name}: dataset files missing or corrupted under {self.root}/ and the download failed "
                 f"({type(e).__name__}); on a machine with internet run `python -c \"import torchvision; "
                 f"torchvision.datasets.{cls.__name__}('{self.root}', download=True)\"` and copy {self.root}/ here"
             ) from None
