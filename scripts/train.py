@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 import reglab  # noqa: F401  (sets the no-network environment before Lightning, MLflow and albumentations load)
-from reglab.errors import ReglabError
-from reglab.train import main as run_config
+from reglab import cli
+from reglab.config import validate
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    validate(cfg)  # a bad value fails in a second, before Lightning (5 s to import) loads
+    from reglab.train import main as run_config
+
+    return run_config(cfg)
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = run_config(cfg)
-    except ReglabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    metrics = cli.run_job(train, cfg, CONF)  # a user error: one line `error: ...`, exit status 2
     print(" ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))))
     return metrics.get("val/loss")
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main, CONF)  # Hydra's composition errors (unknown option or key, bad override) as one line too

@@ -1,0 +1,132 @@
+"""How scripts/ report a mistake the user can fix: one line `error: <key or file>: <what is wrong>; <the fix>` on
+stderr, exit status 2, nothing written.
+
+Hydra reports a composition error (an unknown group option, a misspelled key, a `+exp` that does not exist, an
+override it cannot parse) over several lines with its config search path; `main` runs the @hydra.main function with
+HYDRA_FULL_ERROR=1 so Hydra raises instead, and rewrites the exception as one line. Exceptions that are not user
+errors are bugs and keep their traceback. `HYDRA_FULL_ERROR=1` set by the user also keeps Hydra's own report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn
+
+from reglab.errors import ReglabError
+
+EXIT_USER_ERROR = 2
+# Jobs of the current multirun that failed with a user error: (job number, overrides, message).
+FAILED_JOBS: list[tuple[int, str, str]] = []
+
+
+def _options(conf_dir: Path, group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def _missing_config(exc: Exception, conf_dir: Path) -> str:
+    missing = str(getattr(exc, "missing_cfg_file", "") or "")
+    where = re.match(r"In '([^']+)'", str(exc))
+    source = f" (named in conf/{where.group(1)}.yaml)" if where and where.group(1) != "train" else ""
+    group, _, name = missing.rpartition("/")
+    if not group:
+        return f"conf/{missing}.yaml does not exist{source}"
+    options = _options(conf_dir, group)
+    choice = f"choose one of: {', '.join(options)}" if options else f"conf/{group}/ has no options yet"
+    return f"{group}={name}: there is no conf/{group}/{name}.yaml{source}; {choice}"
+
+
+def _unknown_key(exc: Exception) -> str | None:
+    key = re.match(r"Could not override '([^']+)'", str(exc))
+    if key is None:
+        return None
+    full_key = re.search(r"full_key: (\S+)", str(exc.__cause__ or "")) if exc.__cause__ else None
+    missing = full_key.group(1) if full_key else key.group(1)
+    return (f"{key.group(1)}: the config has no key '{missing}' (misspelled?); "
+            f"`python scripts/train.py --cfg job` lists every key, +{key.group(1)}=VALUE adds a new one")
+
+
+def _first_lines(text: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(("Config search path", "provider=", "Set the environment variable HYDRA_FULL_ERROR")):
+            continue
+        if line:
+            lines.append(line.rstrip("."))
+    return "; ".join(lines)
+
+
+def one_line(exc: BaseException, conf_dir: Path) -> str | None:
+    """The user-facing line for `exc`, or None when it is not a user error (a bug: keep the traceback)."""
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    if isinstance(exc, ReglabError):
+        return _first_lines(str(exc))
+    if isinstance(exc, MissingConfigException):
+        return _missing_config(exc, conf_dir)
+    if isinstance(exc, MissingMandatoryValue):
+        key = getattr(exc, "full_key", None) or "a value"
+        return f"{key} is required (??? in the config); set it on the command line: {key}=VALUE"
+    if isinstance(exc, HydraException):
+        unknown = _unknown_key(exc)
+        if unknown:
+            return unknown
+        cause = f"; {_first_lines(str(exc.__cause__))}" if isinstance(exc.__cause__, OmegaConfBaseException) else ""
+        return _first_lines(str(exc)) + cause
+    if isinstance(exc, OmegaConfBaseException):
+        return _first_lines(str(exc))
+    return None
+
+
+def _in_multirun() -> tuple[int, str] | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    job = HydraConfig.get().job
+    return int(job.num), " ".join(HydraConfig.get().overrides.task)
+
+
+def fail(line: str) -> NoReturn:
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def run_job(task: Callable[[Any], Any], cfg: Any, conf_dir: Path) -> Any:
+    """Inside a Hydra job. A user error ends a single run with one line. In a multirun it is printed with the
+    job's number and re-raised, so Hydra marks that job failed, runs the rest of the sweep and then `main` exits
+    non-zero."""
+    try:
+        return task(cfg)
+    except Exception as e:
+        line = one_line(e, conf_dir)
+        if line is None:
+            raise
+        job = _in_multirun()
+        if job is None:
+            fail(line)
+        FAILED_JOBS.append((job[0], job[1], line))
+        print(f"error: job {job[0]} ({job[1]}): {line}", file=sys.stderr, flush=True)
+        raise
+
+
+def main(hydra_main: Callable[[], Any], conf_dir: Path) -> None:
+    """Run a @hydra.main function (which reads sys.argv) with Hydra's errors turned into one line."""
+    keep_hydra_report = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises composition errors instead of printing them
+    try:
+        hydra_main()
+    except Exception as e:
+        line = one_line(e, conf_dir)
+        if line is None or keep_hydra_report:
+            raise
+        if FAILED_JOBS:
+            jobs = ", ".join(str(num) for num, _, _ in FAILED_JOBS)
+            fail(f"{len(FAILED_JOBS)} sweep job(s) failed (job {jobs}; each one's error is above); "
+                 f"the other jobs ran. First: {FAILED_JOBS[0][2]}")
+        fail(line)
