@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from reglab.errors import ConfigError
 
 # Keys that change how a run is observed, not what it computes: left out of the fingerprint, so a rerun with
 # another logger, progress bar or output folder is recognised as the same run.
@@ -22,10 +25,48 @@ NON_SEMANTIC_KEYS = ("logger", "paths", "callbacks.progress", "hydra", "report")
 VERSIONED_PACKAGES = ("torch", "lightning", "mlflow", "hydra-core", "albumentations", "numpy", "reglab")
 
 
+def _unwritable(key: str, path: Path, e: Exception) -> ConfigError:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+    return ConfigError(f"{key}: cannot write the MLflow store at {path} ({reason}); free disk space or make the "
+                       f"folder writable, or choose another with {key}=...")
+
+
+def ensure_sqlite_store(db: Path, artifacts: str, key: str = "paths.root") -> None:
+    """Create a new SQLite store's tables once, atomically. MLflow migrates an empty store on first use: parallel
+    sweep processes doing so at once collide ("table alembic_version already exists", "duplicate column name"), and
+    a migration cut short by a full disk leaves a store no later run can open. So the first process builds the
+    store in a temporary file under an exclusive lock and renames it into place; later ones find it complete."""
+    if db.exists():
+        return
+    import fcntl
+
+    import sqlalchemy.exc
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    tmp = db.with_name(f"{db.name}.{os.getpid()}.tmp")
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(f"{db.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            if db.exists():
+                return
+            SqlAlchemyStore(f"sqlite:///{tmp}", artifacts).engine.dispose()
+            os.replace(tmp, db)
+    except (OSError, sqlalchemy.exc.OperationalError) as e:
+        raise _unwritable(key, db.parent, getattr(e, "orig", None) or e) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def store_paths(root: str | Path) -> tuple[str, str]:
     root = Path(root).resolve()
-    (root / "mlruns" / "artifacts").mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", (root / "mlruns" / "artifacts").as_uri()
+    db, artifacts = root / "mlruns" / "mlflow.db", root / "mlruns" / "artifacts"
+    try:
+        artifacts.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable("paths.root", artifacts, e) from None
+    ensure_sqlite_store(db, artifacts.as_uri())
+    return f"sqlite:///{db}", artifacts.as_uri()
 
 
 def resolve_tracking(tracking_uri: str | None, root: str | Path) -> tuple[str, str | None]:
@@ -33,8 +74,9 @@ def resolve_tracking(tracking_uri: str | None, root: str | Path) -> tuple[str, s
     if tracking_uri:
         if tracking_uri.startswith("sqlite:///"):
             db = Path(tracking_uri.removeprefix("sqlite:///"))
-            db.parent.mkdir(parents=True, exist_ok=True)
-            return tracking_uri, (db.parent / "artifacts").resolve().as_uri()
+            artifacts = (db.parent / "artifacts").resolve().as_uri()
+            ensure_sqlite_store(db, artifacts, key="logger.tracking_uri")
+            return tracking_uri, artifacts
         return tracking_uri, None
     return store_paths(root)
 
