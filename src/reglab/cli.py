@@ -9,6 +9,7 @@ errors are bugs and keep their traceback. `HYDRA_FULL_ERROR=1` set by the user a
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -18,6 +19,8 @@ from typing import Any, Callable, NoReturn
 from reglab.errors import ReglabError
 
 EXIT_USER_ERROR = 2
+# A folder the run writes to is full or read-only: the user's to fix, not a bug.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 # Jobs of the current multirun that failed with a user error: (job number, overrides, message).
 FAILED_JOBS: list[tuple[int, str, str]] = []
 
@@ -79,6 +82,9 @@ def one_line(exc: BaseException, conf_dir: Path) -> str | None:
         return _first_lines(str(exc)) + cause
     if isinstance(exc, OmegaConfBaseException):
         return _first_lines(str(exc))
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return (f"cannot write {exc.filename or 'the output'} ({exc.strerror}); free disk space or make the folder "
+                f"writable, or write elsewhere with paths.root=...")
     return None
 
 

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from reglab.errors import ConfigError
+
+# Regularizer arguments checked by name in every regularization.<name> node, before Lightning loads (the classes
+# in reglab.regularization check them again for Python callers): key suffix -> (test, what is expected).
+REGULARIZER_RULES = {
+    "keep_prob": (lambda v: 0 < v <= 1, "a probability of keeping a unit, in (0, 1]"),
+    "strength": (lambda v: v >= 0, "a number >= 0"),
+    "max_norm": (lambda v: v > 0, "a number > 0"),
+}
 
 
 def _check(cond: bool, key: str, value, expected: str) -> None:
@@ -39,3 +50,31 @@ def validate(cfg: DictConfig) -> None:
         if isinstance(value, bool):
             _check(False, key, value, expected)
         _check(ok(value), key, value, expected)
+    _validate_regularizers(cfg)
+    _validate_paths(cfg)
+
+
+def _validate_regularizers(cfg: DictConfig) -> None:
+    for name, node in (cfg.get("regularization") or {}).items():
+        if not isinstance(node, DictConfig):
+            continue
+        for arg, value in node.items():
+            for suffix, (ok, expected) in REGULARIZER_RULES.items():
+                if str(arg).endswith(suffix):
+                    key = f"regularization.{name}.{arg}"
+                    is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+                    _check(is_num and ok(value), key, value, expected)
+
+
+def _validate_paths(cfg: DictConfig) -> None:
+    """Every output folder must be writable before a run starts: a read-only results folder found after the first
+    epoch would leave a FAILED run behind; found here, nothing is written."""
+    for name, value in (cfg.get("paths") or {}).items():
+        if not isinstance(value, str):
+            continue
+        path = Path(value).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            reason = "is not a folder" if not existing.is_dir() else "is not writable"
+            raise ConfigError(f"paths.{name}={value}: {existing} {reason}; choose a writable folder with "
+                              f"paths.{name}=... (or paths.root=...)")
