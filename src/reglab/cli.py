@@ -64,13 +64,15 @@ def _first_lines(text: str) -> str:
 
 def one_line(exc: BaseException, conf_dir: Path) -> str | None:
     """The user-facing line for `exc`, or None when it is not a user error (a bug: keep the traceback)."""
-    from hydra.errors import HydraException, MissingConfigException
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     if isinstance(exc, ReglabError):
         return _first_lines(str(exc))
     if isinstance(exc, MissingConfigException):
         return _missing_config(exc, conf_dir)
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse the override {exc.override!r}: {_first_lines(str(exc))}"
     if isinstance(exc, MissingMandatoryValue):
         key = getattr(exc, "full_key", None) or "a value"
         return f"{key} is required (??? in the config); set it on the command line: {key}=VALUE"
