@@ -21,6 +21,7 @@ from reglab.regularization.base import Regularizer
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "step")
+DIVERGED_FIX = "training diverged: lower optim.lr or clip gradients (trainer.gradient_clip_val=1.0)"
 
 
 def build_optimizer(params, name: str, lr: float, momentum: float = 0.0, nesterov: bool = False,
@@ -82,8 +83,11 @@ class Classifier(L.LightningModule):
         steps = sums.pop(f"{stage}/steps", None)
         for k, v in sums.items():  # train/penalty/<name>: mean per step
             metrics[k] = v / steps
-        if stage == "train" and not math.isfinite(loss.item()):
-            raise DivergenceError(f"train/loss is {loss.item()} in epoch {self.current_epoch}")
+        # A non-finite validation loss means the weights already are (broken by the epoch's last step, whose
+        # training loss was still finite): raise before EarlyStopping quietly ends the run as finished and before
+        # ModelCheckpoint saves the broken weights.
+        if stage in ("train", "val") and not math.isfinite(loss.item()):
+            raise DivergenceError(f"{stage}/loss is {loss.item()} in epoch {self.current_epoch}; {DIVERGED_FIX}")
         metrics["step"] = torch.tensor(float(self.current_epoch))
         self.log_dict(metrics, on_epoch=True, on_step=False, sync_dist=False)
         return {k: float(v) for k, v in metrics.items()}
@@ -103,7 +107,7 @@ class Classifier(L.LightningModule):
         if self.check_finite == "step" or (self.check_finite == "auto" and loss.device.type == "cpu"):
             if not torch.isfinite(loss):
                 raise DivergenceError(f"train/loss is {loss.item()} at epoch {self.current_epoch}, "
-                                      f"step {self.global_step}")
+                                      f"step {self.global_step}; {DIVERGED_FIX}")
         total = loss
         penalties = {}
         for name, reg in self.regularizers.items():
