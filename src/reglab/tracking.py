@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -50,6 +51,7 @@ def ensure_sqlite_store(db: Path, artifacts: str, key: str = "paths.root") -> No
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
             if db.exists():
                 return
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial tables..."
             SqlAlchemyStore(f"sqlite:///{tmp}", artifacts).engine.dispose()
             os.replace(tmp, db)
     except (OSError, sqlalchemy.exc.OperationalError) as e:
