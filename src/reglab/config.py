@@ -74,7 +74,14 @@ def _validate_paths(cfg: DictConfig) -> None:
             continue
         path = Path(value).absolute()
         existing = next(p for p in (path, *path.parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            reason = "is not a folder" if not existing.is_dir() else "is not writable"
-            raise ConfigError(f"paths.{name}={value}: {existing} {reason}; choose a writable folder with "
-                              f"paths.{name}=... (or paths.root=...)")
+        if not existing.is_dir():
+            reason = "is not a folder"
+        elif os.statvfs(existing).f_flag & os.ST_RDONLY:
+            reason = "is on a read-only file system"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            reason = "is not writable"
+        else:
+            continue
+        also = "" if name == "root" else " (or paths.root=...)"
+        raise ConfigError(f"paths.{name}={value}: {existing} {reason}; choose a writable folder with "
+                          f"paths.{name}=...{also}")

@@ -1,0 +1,131 @@
+"""Faults a run survives: divergence, a full disk, a read-only results folder (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import compose, quick
+from reglab import tracking
+from reglab.errors import DivergenceError
+from train_cli import SCRIPT, TINY, train_cli, train_env
+
+
+def only_error_line(stderr: str) -> str:
+    """The one `error:` line of a failed CLI run; there is no traceback."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return errors[0]
+
+
+def runs_of(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    return client, client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+# --- divergence ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("broken_after", ["first", "last"])
+def test_divergence_fails_the_run_and_keeps_the_last_good_checkpoint(broken_after, tmp_root, mlflow_uri,
+                                                                     monkeypatch):
+    """The weights turn NaN after epoch 2's first step (the next training loss is NaN) or after its last one (the
+    training losses were finite; validation is the first to see it). Either way the run stops in epoch 2, is FAILED
+    in MLflow with the reason, and last.ckpt holds epoch 1's finite weights."""
+    from reglab import train
+    from reglab.classifier import Classifier
+
+    after_step = Classifier.on_train_batch_end
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        after_step(self, outputs, batch, batch_idx)
+        last = batch_idx == self.trainer.num_training_batches - 1
+        if self.current_epoch == 2 and (broken_after == "first" or last):
+            with torch.no_grad():
+                next(self.net.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(Classifier, "on_train_batch_end", on_train_batch_end)
+    experiment = f"faults-divergence-{broken_after}"
+    cfg = compose(quick(tmp_root, *TINY, "logger=mlflow", f"logger.tracking_uri={mlflow_uri}",
+                        f"logger.experiment={experiment}", "logger.log_model=false", "trainer.max_epochs=6",
+                        "callbacks.early_stopping=null"))
+    first_nan = "train/loss is nan at epoch 2" if broken_after == "first" else "val/loss is nan in epoch 2"
+    with pytest.raises(DivergenceError, match=f"{first_nan}.*lower optim.lr"):
+        train.run(cfg)
+
+    client, (run,) = runs_of(mlflow_uri, experiment)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["failure_reason"].startswith(f"divergence: {first_nan}")
+    for key in ("train/loss", "val/loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1]
+
+    (ckpt_dir,) = Path(cfg.paths.checkpoints).iterdir()
+    ckpt = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert ckpt["state_dict"] and all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+
+
+def test_divergence_through_the_cli_is_one_line_and_a_failed_run(tmp_path, mlflow_uri):
+    """An absurd learning rate: the loss is NaN by the second step."""
+    r = train_cli(*TINY, "optim=sgd", "optim.lr=1e30", f"paths.root={tmp_path}", f"logger.tracking_uri={mlflow_uri}",
+                  "logger.experiment=faults-cli-divergence", "logger.log_model=false", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "training diverged: lower optim.lr" in only_error_line(r.stderr)
+    _, (run,) = runs_of(mlflow_uri, "faults-cli-divergence")
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("divergence: ")
+
+
+# --- storage ---------------------------------------------------------------------------------------------------
+def _disk_fills_at(limit: int):
+    """Runs in the child: files cannot grow past `limit` bytes (EFBIG, as ENOSPC would be for a full disk)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_disk_full_while_creating_the_store_leaves_no_half_written_store(tmp_path):
+    results = tmp_path / "results"
+    r = subprocess.run([sys.executable, str(SCRIPT), *TINY, f"paths.root={results}"], cwd=tmp_path,
+                       env=train_env(), capture_output=True, text=True, timeout=120,
+                       preexec_fn=_disk_fills_at(256 * 1024))  # the new store needs ~1 MB
+    assert r.returncode == 2
+    line = only_error_line(r.stderr)
+    assert "paths.root" in line and str(results / "mlruns") in line
+    # No store at all rather than a half-migrated one the next run could not open; no temporary file left.
+    assert sorted(p.name for p in (results / "mlruns").iterdir()) == ["artifacts", "mlflow.db.lock"]
+
+
+def _read_only_prefix(folder: Path) -> list[str]:
+    """A command prefix that runs a command with `folder` read-only: a read-only bind mount in a private mount
+    namespace as root (root ignores permission bits), chmod otherwise."""
+    if os.geteuid() != 0:
+        for p in [folder, *folder.rglob("*")]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+        return []
+    unshare = shutil.which("unshare")
+    probe = subprocess.run([unshare or "unshare", "-m", "true"], capture_output=True) if unshare else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("running as root without `unshare -m`: cannot make a folder read-only")
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"'
+    return [unshare, "-m", "sh", "-c", script, str(folder)]
+
+
+def test_read_only_results_folder_is_one_line_and_untouched(tmp_path):
+    results = tmp_path / "results"
+    tracking.store_paths(results)  # a store from earlier runs
+    before = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    prefix = _read_only_prefix(results)
+    try:
+        r = subprocess.run([*prefix, sys.executable, str(SCRIPT), *TINY, f"paths.root={results}"], cwd=tmp_path,
+                           env=train_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        for p in [results, *results.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    assert r.returncode == 2
+    line = only_error_line(r.stderr)
+    assert f"paths.root={results}" in line and ("read-only" in line or "not writable" in line)
+    assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == before
