@@ -41,6 +41,8 @@ ROWS = [
      ["augmentation.transforms[0].name='HorizontalFlipp'", "HorizontalFlip"]),
     ("unknown-augmentation-argument", ["augmentation.transforms=[{name: Affine, rotation: 10}]"],
      ["augmentation.transforms[0]", "'rotation'", "rotate"]),
+    ("target-not-allowed", ["model._target_=os.system", "+model.command=touch pwned"],
+     ["model._target_='os.system'", "ALLOWED_TARGETS"]),
     ("missing-dataset", ["data=mnist", "data.root={empty}", "data.download=false"],
      ["mnist", "{empty}", "data.download=true"]),
     ("truncated-dataset-file", ["data=mnist", "data.root={mnist_truncated}", "data.download=false"],
@@ -122,3 +124,4 @@ def test_bad_input_is_one_line_and_writes_nothing(args, expected, datasets, resu
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
     assert "Traceback" not in r.stdout + r.stderr
     assert snapshot(results) == before
+    assert not (tmp_path / "pwned").exists()

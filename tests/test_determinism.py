@@ -1,0 +1,36 @@
+"""Same seed and config -> bit-identical metrics: always on the CPU; on a GPU with trainer.deterministic=true
+(conf/trainer/gpu.yaml's default; docs/reliability.md says what holds there). Every random source of a run is in
+play: weight init, batch order, the validation split, label noise, dropout masks and augmentation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose, quick
+from train_cli import TINY
+
+RANDOM_EVERYWHERE = [*TINY, "regularization=[dropout]", "data.label_noise=0.2", "augmentation=digits_safe",
+                     "trainer.max_epochs=3", "callbacks.early_stopping=null"]
+
+
+def run_metrics(root, *overrides: str) -> dict[str, float]:
+    from reglab import train
+
+    return train.run(compose(quick(root, *RANDOM_EVERYWHERE, *overrides)))
+
+
+def test_same_seed_gives_bit_identical_metrics_on_cpu(tmp_path):
+    first = run_metrics(tmp_path / "a")
+    again = run_metrics(tmp_path / "b")
+    assert first == again  # exact float equality, every metric
+    other_seed = run_metrics(tmp_path / "c", "seed=1")
+    assert other_seed["val/loss"] != first["val/loss"] and other_seed["train/loss"] != first["train/loss"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_same_seed_gives_bit_identical_metrics_on_gpu(tmp_path):
+    first = run_metrics(tmp_path / "a", "trainer=gpu", "trainer.deterministic=true")
+    again = run_metrics(tmp_path / "b", "trainer=gpu", "trainer.deterministic=true")
+    assert first == again
