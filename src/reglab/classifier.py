@@ -18,6 +18,7 @@ from torch import nn
 
 from reglab.errors import ConfigError, DivergenceError
 from reglab.regularization.base import Regularizer
+from reglab.regularization.penalties import weight_stats
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "step")
@@ -88,6 +89,8 @@ class Classifier(L.LightningModule):
         # ModelCheckpoint saves the broken weights.
         if stage in ("train", "val") and not math.isfinite(loss.item()):
             raise DivergenceError(f"{stage}/loss is {loss.item()} in epoch {self.current_epoch}; {DIVERGED_FIX}")
+        if stage == "train":
+            metrics.update(weight_stats(self.net))  # params/zero_frac, params/l1, params/l2 of the weights
         metrics["step"] = torch.tensor(float(self.current_epoch))
         self.log_dict(metrics, on_epoch=True, on_step=False, sync_dist=False)
         return {k: float(v) for k, v in metrics.items()}

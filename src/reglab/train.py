@@ -19,9 +19,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from reglab import tracking
+from reglab import early_stopping, tracking
 from reglab.classifier import Classifier
 from reglab.config import validate
+from reglab.data import augmentation
 from reglab.errors import ConfigError, DivergenceError
 
 # Lightning's start-up chatter (accelerator lines, a cloud-logger advert) and a deprecation inside Lightning itself
@@ -31,7 +32,10 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def build_data(cfg: DictConfig):
-    return instantiate(cfg.data, seed=cfg.seed)
+    dm = instantiate(cfg.data, seed=cfg.seed)
+    # Training-split augmentation from cfg.augmentation (None when its transform list is empty).
+    dm.augment = augmentation.for_datamodule(cfg.get("augmentation"), dm, seed=cfg.seed)
+    return dm
 
 
 def build_model(cfg: DictConfig, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
@@ -88,6 +92,8 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
         if name == "progress" and not sys.stdout.isatty():
             continue  # no bar in logs and CI
         kwargs = {"dirpath": str(ckpt_dir)} if name == "checkpoint" else {}
+        if name == "early_stopping":
+            node = early_stopping.mechanism(node)  # `after_stop` is ours, read after fit
         callbacks.append(instantiate(node, **kwargs))
     return callbacks
 
@@ -100,9 +106,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     dm = build_data(cfg)
     dm.setup()
-    net = build_model(cfg, dm.input_shape, dm.num_classes)
-    module = Classifier(net, optim=OmegaConf.to_container(cfg.optim, resolve=True),
-                        regularizers=build_regularizers(cfg))
+    early_stopping.strategy(cfg)  # a bad after_stop fails before training
+
+    def build_module() -> Classifier:
+        net = build_model(cfg, dm.input_shape, dm.num_classes)
+        return Classifier(net, optim=OmegaConf.to_container(cfg.optim, resolve=True),
+                          regularizers=build_regularizers(cfg))
+
+    module = build_module()
 
     ckpt_dir = Path(cfg.paths.checkpoints) / f"{name}-{fp[:12]}"
     logger = build_logger(cfg, name, fp)
@@ -116,6 +127,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(params)
         logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         logger.log_metrics({"data/label_noise_realized": dm.label_noise_realized}, step=0)
+        preview = augmentation.preview_for(cfg.get("augmentation"), dm)
+        if preview is not None:
+            logger.experiment.log_figure(logger.run_id, preview, "augmentation_preview.png")
 
     try:
         trainer.fit(module, datamodule=dm)
@@ -129,9 +143,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
     use_best = trainer.early_stopping_callback is not None and trainer.checkpoint_callback is not None \
         and bool(trainer.checkpoint_callback.best_model_path)
-    trainer.test(module, datamodule=dm, ckpt_path="best" if use_best else None, verbose=False, weights_only=True)
+    trainer.test(module, datamodule=dm, ckpt_path="best" if use_best else None, verbose=False)
     metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}}
     metrics["model/params"] = float(module.num_params)
+    metrics.update(early_stopping.after_stop(cfg, trainer, module, dm, logger, build_module))
     return metrics
 
 

@@ -1,0 +1,108 @@
+"""Normalization: the lecture's batch-norm example, gamma/beta initialization, every `model.norm` on both models,
+and `model.norm_position` pre (f(BN(Wx + b))) versus post (BN(f(Wx + b)))."""
+
+import pytest
+import torch
+from torch import nn
+
+from reglab.models import MLP, ResNet18
+from reglab.regularization.normalization import NORMS, make_norm
+
+# The lecture's mini-batch (4 samples x 3 features) and its printed "Após Normalização" table.
+BATCH = torch.tensor([[2.1, 0.8, -1.2], [1.8, 1.1, -0.9], [2.3, 0.9, -1.1], [1.9, 1.0, -1.0]])
+SLIDE = torch.tensor([[0.45, -1.22, -1.22], [-0.89, 1.22, 1.22], [1.34, -0.41, -0.41], [-0.45, 0.41, 0.41]])
+# The same table recomputed with the slide's own formula (mu_B, biased sigma_B^2, eps = 1e-5). The printed table
+# is off by up to 0.26: its column 1 uses mu = 2.0 (the mean is 2.025) and does not even have mean 0, and columns
+# 2-3 use sigma = 0.1225 where sigma_B = 0.1118 (docs/regularization.md, "errata").
+RECOMPUTED = torch.tensor([[0.3906, -1.3411, -1.3411], [-1.1717, 1.3411, 1.3411],
+                           [1.4321, -0.4470, -0.4470], [-0.6509, 0.4470, 0.4470]])
+
+
+def test_lecture_batch_norm_example():
+    bn = nn.BatchNorm1d(3)  # what make_norm("batch", 3, spatial=False) builds
+    assert isinstance(make_norm("batch", 3, spatial=False), nn.BatchNorm1d)
+    assert torch.equal(bn.weight, torch.ones(3)) and torch.equal(bn.bias, torch.zeros(3))  # gamma=1, beta=0
+    out = bn.train()(BATCH).detach()
+    torch.testing.assert_close(out, RECOMPUTED, atol=0.01, rtol=0)
+    torch.testing.assert_close(out.mean(0), torch.zeros(3), atol=1e-6, rtol=0)  # each column: mean 0
+    torch.testing.assert_close(out.var(0, unbiased=False), torch.ones(3), atol=1e-3, rtol=0)  # variance 1
+    # The slide's table agrees in sign and in the order of the values within each column.
+    assert torch.equal(torch.sign(out), torch.sign(SLIDE))
+    assert torch.equal(out.argsort(0), SLIDE.argsort(0))
+    # mu_B and (biased) sigma_B as the slide's "cálculos por feature" define them.
+    torch.testing.assert_close(bn.running_mean, 0.1 * BATCH.mean(0))  # momentum 0.1 from 0
+
+
+@pytest.mark.parametrize("kind", [k for k in NORMS if k != "none"])
+def test_norms_start_as_identity_affine(kind):
+    spatial = kind == "instance"
+    norm = make_norm(kind, 8, spatial=spatial)
+    assert torch.equal(norm.weight, torch.ones(8)) and torch.equal(norm.bias, torch.zeros(8))
+
+
+def test_layer_norm_normalizes_each_sample_over_features():
+    torch.manual_seed(0)
+    out = make_norm("layer", 16, spatial=False)(torch.randn(5, 16) * 3 + 2).detach()
+    torch.testing.assert_close(out.mean(1), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(1, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
+
+
+def test_instance_and_group_norm_on_feature_maps():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 5) * 4 - 1
+    inst = make_norm("instance", 8, spatial=True)(x).detach()
+    torch.testing.assert_close(inst.mean((2, 3)), torch.zeros(2, 8), atol=1e-5, rtol=0)  # per sample and channel
+    group = make_norm("group", 64, spatial=True)
+    assert isinstance(group, nn.GroupNorm) and group.num_groups == 32
+    with pytest.raises(ValueError, match="instance"):
+        make_norm("instance", 8, spatial=False)
+
+
+def _norm_inputs(net, x):
+    seen = []
+    # ResNet18's final_norm (before pooling) is norm -> ReLU whatever norm_position says: only block/layer norms.
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+             for n, m in net.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
+             and not n.startswith("final_norm")]
+    net(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda pos: MLP((10,), 3, width=16, depth=2, norm="batch", norm_position=pos), torch.randn(32, 10)),
+    (lambda pos: ResNet18((1, 8, 8), 3, width=2, norm="batch", norm_position=pos), torch.randn(8, 1, 8, 8)),
+])
+def test_norm_position_pre_normalizes_before_the_activation(make, x):
+    torch.manual_seed(0)
+    pre = _norm_inputs(make("pre"), x)
+    post = _norm_inputs(make("post"), x)
+    assert any((i < 0).any() for i in pre)  # pre: BN sees W x + b, which has negative values
+    assert all((i >= 0).all() for i in post)  # post: BN sees ReLU(W x + b) >= 0
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_every_norm_on_both_models(norm):
+    torch.manual_seed(0)
+    nets = [ResNet18((1, 8, 8), 3, width=2, norm=norm)]
+    if norm != "instance":  # an MLP has no spatial positions to normalize over
+        nets.append(MLP((1, 8, 8), 3, width=8, norm=norm))
+    for net in nets:
+        out = net(torch.randn(4, 1, 8, 8))
+        assert out.shape == (4, 3) and torch.isfinite(out).all()
+        has_norm = any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm))
+                       for m in net.modules())
+        assert has_norm == (norm != "none")
+
+
+def test_config_defaults_and_errors(tmp_root):
+    from conftest import compose
+    from reglab.errors import ConfigError
+    from reglab.train import build_model
+
+    assert compose(["model=resnet18"]).model.norm == "batch"  # BatchNorm is the ResNet default
+    with pytest.raises(ConfigError, match="instance"):
+        build_model(compose(["model.norm=instance"]), (1, 8, 8), 10)
+    with pytest.raises(ConfigError, match="norm_position"):
+        build_model(compose(["model.norm_position=middle"]), (1, 8, 8), 10)
