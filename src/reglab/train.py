@@ -143,7 +143,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
     use_best = trainer.early_stopping_callback is not None and trainer.checkpoint_callback is not None \
         and bool(trainer.checkpoint_callback.best_model_path)
-    trainer.test(module, datamodule=dm, ckpt_path="best" if use_best else None, verbose=False)
+    trainer.test(module, datamodule=dm, ckpt_path="best" if use_best else None, verbose=False, weights_only=True)
     metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}}
     metrics["model/params"] = float(module.num_params)
     metrics.update(early_stopping.after_stop(cfg, trainer, module, dm, logger, build_module))
