@@ -91,3 +91,19 @@ def test_continue_resumes_from_theta_star(tmp_root):
     assert m["early_stopping/test/acc"] > m["test/acc"] - 0.05
     none = run(compose(quick(tmp_root, *LEAN, "callbacks.early_stopping.after_stop=none")))
     assert "early_stopping/test/acc" not in none and none["early_stopping/best_step"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_catalogue_on_gpu(tmp_root):
+    # GPU-resident data: the Albumentations path copies each batch to the CPU and back; masks are drawn on the
+    # device; after_stop evaluates and merges tensors on the device; bf16 autocast (conf/trainer/gpu.yaml).
+    from reglab.train import run
+
+    m = run(compose(quick(tmp_root, "trainer=gpu", *LEAN, "regularization=[awd_lstm_style,max_norm]",
+                          "augmentation=digits_safe", "callbacks.early_stopping.after_stop=continue")))
+    assert m["val/acc"] > 0.4 and math.isfinite(m["early_stopping/test/loss"])
+    m = run(compose(quick(tmp_root, "trainer=gpu", "model=resnet18", "model.width=4", "trainer.max_epochs=3",
+                          "regularization=[spatial_dropout,dropout_classic,l1_proximal]",
+                          "callbacks.early_stopping.after_stop=retrain")))
+    assert m["early_stopping/steps"] == m["early_stopping/best_step"] and math.isfinite(m["params/l1"])
