@@ -98,7 +98,7 @@ def train_pack(cfgs: list[DictConfig], children: list | None = None, root_dir: s
     import lightning as L
     from hydra.utils import instantiate
 
-    from reglab import tracking, train
+    from reglab import performance, tracking, train
     from reglab.packed import Pack, packable
     from reglab.packed_module import PackedClassifier
 
@@ -124,7 +124,7 @@ def train_pack(cfgs: list[DictConfig], children: list | None = None, root_dir: s
             logger.log_metrics({"data/label_noise_realized": dm.label_noise_realized}, step=0)
         loggers.append(logger)
     module = PackedClassifier(pack, OmegaConf.to_container(cfgs[0].optim, resolve=True), loggers)
-    trainer_cfg = OmegaConf.masked_copy(cfgs[0].trainer, [k for k in cfgs[0].trainer if k != "performance"])
+    trainer_cfg = performance.trainer_config(cfgs[0].trainer)
     trainer = instantiate(trainer_cfg, logger=False, callbacks=[], enable_checkpointing=False,
                           enable_progress_bar=False, default_root_dir=root_dir or str(Path(cfgs[0].paths.root)))
     try:
