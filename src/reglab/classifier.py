@@ -141,14 +141,17 @@ class Classifier(L.LightningModule):
         self._log_epoch("train")
 
     # --- evaluation -----------------------------------------------------------------------------------------
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._step("val", batch)
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # The data module names its validation loaders: ("val",) or, with data.test_every_epoch, ("val", "test").
+        stages = getattr(self.trainer.datamodule, "eval_stages", ("val",))
+        self._step(stages[dataloader_idx], batch)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
-            self._sums = {k: v for k, v in self._sums.items() if not k.startswith("val/")}
+            self._sums = {k: v for k, v in self._sums.items() if not k.startswith(("val/", "test/"))}
             return
         self._log_epoch("val")
+        self._log_epoch("test")
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._step("test", batch)

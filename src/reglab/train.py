@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from reglab import early_stopping, tracking
+from reglab import early_stopping, sweep, tracking
 from reglab.classifier import Classifier
 from reglab.config import validate
 from reglab.data import augmentation
@@ -64,7 +64,7 @@ def run_name(cfg: DictConfig) -> str:
     return f"{model}-w{cfg.model.get('width', 'x')}-s{cfg.seed}"
 
 
-def build_logger(cfg: DictConfig, name: str, fp: str):
+def build_logger(cfg: DictConfig, name: str, fp: str, child: "sweep.Child | None" = None):
     if cfg.logger.backend == "none":
         return None
     if cfg.logger.backend != "mlflow":
@@ -73,6 +73,10 @@ def build_logger(cfg: DictConfig, name: str, fp: str):
 
     uri, artifacts = tracking.resolve_tracking(cfg.logger.get("tracking_uri"), cfg.paths.root)
     tags = {"fingerprint": fp, **tracking.run_tags(), **(cfg.logger.get("tags") or {})}
+    if child is not None:  # a study's child run, new or continued (reglab/sweep.py)
+        return sweep.child_logger(cfg, child, experiment_name=cfg.logger.experiment, run_name=name, tracking_uri=uri,
+                                  artifact_location=artifacts, tags=tags,
+                                  log_model=bool(cfg.logger.get("log_model", False)))
     return MLFlowLogger(
         experiment_name=cfg.logger.experiment,
         run_name=name,
@@ -103,6 +107,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     fp = tracking.fingerprint(cfg)
     name = run_name(cfg)
+    ckpt_dir = Path(cfg.paths.checkpoints) / f"{name}-{fp[:12]}"
+    # A study job (cfg.study) is a child run of the study's parent: done before -> skipped; interrupted -> resumed.
+    child = sweep.find_child(cfg, fp, ckpt_dir) if cfg.get("study") else None
+    if child is not None and child.done_metrics is not None:
+        return child.done_metrics
 
     dm = build_data(cfg)
     dm.setup()
@@ -115,8 +124,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     module = build_module()
 
-    ckpt_dir = Path(cfg.paths.checkpoints) / f"{name}-{fp[:12]}"
-    logger = build_logger(cfg, name, fp)
+    logger = build_logger(cfg, name, fp, child)
     callbacks = build_callbacks(cfg, ckpt_dir)
     has_progress = any(type(c).__name__ == "RichProgressBar" for c in callbacks)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks,
@@ -132,7 +140,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             logger.experiment.log_figure(logger.run_id, preview, "augmentation_preview.png")
 
     try:
-        trainer.fit(module, datamodule=dm)
+        trainer.fit(module, datamodule=dm, ckpt_path=child.ckpt_path if child else None)
     except DivergenceError as e:
         if logger is not None:
             logger.experiment.set_tag(logger.run_id, "failure_reason", f"divergence: {e}")

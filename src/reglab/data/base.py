@@ -50,6 +50,7 @@ class InMemoryDataModule(L.LightningDataModule):
         on_device: str = "auto",
         augment: BatchTransform | None = None,
         device_augment: BatchTransform | None = None,
+        test_every_epoch: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
@@ -69,6 +70,10 @@ class InMemoryDataModule(L.LightningDataModule):
         # augment: CPU batch transform in stored dtype (Albumentations); device_augment: on-device batched
         # transform of [0, 1] floats (the GPU fast path). Both touch the training split only.
         self.augment, self.device_augment = augment, device_augment
+        # Epoch-wise studies (double descent) need the test error after every epoch: the test split then joins the
+        # validation loop as a second loader, and `eval_stages` names each loader's metrics for the Classifier.
+        self.test_every_epoch = test_every_epoch
+        self.eval_stages: tuple[str, ...] = ("val",)
         self.label_noise_realized = 0.0
         self._ready = False
 
@@ -135,7 +140,15 @@ class InMemoryDataModule(L.LightningDataModule):
         return TensorLoader(x, y, self.eval_batch_size, rank=rank, world_size=world)
 
     def val_dataloader(self) -> TensorLoader | list:
-        return self._eval_loader(self.val_x, self.val_y) if len(self.val_y) else []
+        loaders, stages = [], []
+        if len(self.val_y):
+            loaders.append(self._eval_loader(self.val_x, self.val_y))
+            stages.append("val")
+        if self.test_every_epoch:
+            loaders.append(self.test_dataloader())
+            stages.append("test")
+        self.eval_stages = tuple(stages)
+        return loaders[0] if len(loaders) == 1 else loaders
 
     def test_dataloader(self) -> TensorLoader:
         return self._eval_loader(self.test_x, self.test_y)

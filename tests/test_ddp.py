@@ -1,0 +1,38 @@
+"""`trainer=ddp` on 2 CPU processes (gloo): one run completes, and MLflow holds it once, each epoch once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_logs_one_run(tmp_root, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    experiment = "ddp_two_cpu_processes"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CUDA_VISIBLE_DEVICES")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU even where a GPU is present
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+         "trainer.max_epochs=4", "data=digits", "data.batch_size=32", "model.width=32", f"paths.root={tmp_root}",
+         f"logger.tracking_uri={mlflow_uri}", f"logger.experiment={experiment}", "logger.log_model=false",
+         f"hydra.run.dir={tmp_root}/run"],
+        cwd=tmp_root, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    [run] = runs
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.strategy"] == "ddp"
+    for key in ("train/loss", "val/err"):  # rank 0 logs, once per epoch; sums come from both ranks' shards
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2, 3]
+    assert run.data.metrics["test/err"] < 0.5  # it learned (digits: chance is 90% error)

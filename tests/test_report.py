@@ -1,0 +1,104 @@
+"""The double-descent report: numbers (mean/std over seeds, interpolation threshold) from a synthetic MLflow study,
+every file written locally and to the parent run, and the report script's errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import compose
+
+from reglab import tracking
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "report.py"
+EPOCHS = 6
+# width -> (final train error, final test error); seed s adds (-1)^s * 0.02 to the test error.
+FINAL = {2: (0.50, 0.40), 8: (0.005, 0.60), 32: (0.0, 0.30)}
+
+
+def make_study(uri: str, study: str) -> str:
+    """A parent with one child per (width, seed) whose histories descend linearly to FINAL."""
+    client, exp = tracking.client_and_experiment(uri, ".", "report_test")
+    parent = tracking.study_parent(client, exp, study, study_key=uuid.uuid4().hex)
+    client.set_tag(parent, "reglab.report", "double_descent")
+    client.log_text(parent, "data:\n  _target_: reglab.data.MNIST1DDataModule\n  label_noise: 0.15\n", "config.yaml")
+    for width, (train_final, test_final) in FINAL.items():
+        for seed in (0, 1):
+            run = client.create_run(exp, tags=tracking.child_tags(parent, study)).info.run_id
+            client.log_param(run, "model.width", width)
+            client.log_param(run, "seed", seed)
+            client.log_param(run, "model.params", width * 100)
+            test = test_final + (-1) ** seed * 0.02
+            for step in range(EPOCHS):
+                frac = (EPOCHS - 1 - step) / (EPOCHS - 1)  # 1 at the first epoch, 0 at the last
+                client.log_metric(run, "train/err", train_final + frac * (0.9 - train_final), step=step)
+                client.log_metric(run, "test/err", test + frac * (0.9 - test), step=step)
+            client.log_metric(run, "test/err", test, step=EPOCHS)  # the final trainer.test, one step past
+            client.set_terminated(run)
+    unfinished = client.create_run(exp, tags=tracking.child_tags(parent, study)).info.run_id
+    client.log_param(unfinished, "model.width", 64)  # still running: not in the report
+    client.log_metric(unfinished, "train/err", 0.1, step=0)
+    client.log_metric(unfinished, "test/err", 0.1, step=0)
+    return parent
+
+
+@pytest.fixture(scope="module")
+def report_dir(mlflow_uri, tmp_path_factory):
+    from reglab.sweep import write_report
+
+    root = tmp_path_factory.mktemp("report")
+    parent = make_study(mlflow_uri, "synthetic_dd")
+    cfg = compose(["study=synthetic_dd", f"paths.root={root}", f"logger.tracking_uri={mlflow_uri}",
+                   "logger.experiment=report_test"])
+    out = write_report(cfg)
+    return out, parent
+
+
+def test_modelwise_table_is_mean_and_std_over_seeds(report_dir):
+    out, _ = report_dir
+    t = pd.read_csv(out / "modelwise.csv").set_index("width")
+    assert list(t.index) == [2, 8, 32]  # the unfinished width-64 child is left out
+    assert (t["seeds"] == 2).all() and (t["epochs"] == EPOCHS).all()
+    for width, (train_final, test_final) in FINAL.items():
+        assert t.loc[width, "test_err_mean"] == pytest.approx(test_final)
+        assert t.loc[width, "test_err_std"] == pytest.approx(0.02)
+        assert t.loc[width, "train_err_mean"] == pytest.approx(train_final)
+        assert t.loc[width, "params"] == width * 100
+    # Width 8 is the first whose train error is <= 1%: the interpolation threshold, where the test error peaks.
+    assert "Interpolation threshold (first width with mean final train error <= 1%): 8." in (
+        out / "modelwise.md").read_text()
+
+
+def test_epochwise_table_has_every_width_and_epoch_once(report_dir):
+    out, _ = report_dir
+    e = pd.read_csv(out / "epochwise.csv")
+    assert len(e) == len(FINAL) * EPOCHS and not e.duplicated(["width", "epoch"]).any()
+    assert sorted(e["epoch"].unique()) == list(range(1, EPOCHS + 1))  # epoch e = after e epochs; no final-test row
+    first = e[(e.width == 32) & (e.epoch == 1)].iloc[0]
+    assert first.test_err_mean == pytest.approx(0.9)
+    md = (out / "epochwise.md").read_text()
+    assert "| width | epoch 1 | epoch 2 | epoch 5 | epoch 6 |" in md
+
+
+def test_report_writes_every_file_locally_and_to_the_parent_run(report_dir, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    out, parent = report_dir
+    files = {"modelwise.png", "epochwise_heatmap.png", "epochwise_curves.png", "modelwise.csv", "modelwise.md",
+             "epochwise.csv", "epochwise.md", "config.yaml"}
+    assert files <= {p.name for p in out.iterdir()}
+    for png in ("modelwise.png", "epochwise_heatmap.png", "epochwise_curves.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a real figure, not an empty canvas
+    assert files <= {a.path for a in MlflowClient(mlflow_uri).list_artifacts(parent)}
+
+
+def test_report_script_names_a_missing_study_in_one_line(tmp_root, mlflow_uri):
+    out = subprocess.run([sys.executable, str(SCRIPT), "study=no_such_study", f"paths.root={tmp_root}",
+                          f"logger.tracking_uri={mlflow_uri}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: study='no_such_study': no parent run in this MLflow store (run the sweep first)"
