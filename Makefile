@@ -38,6 +38,9 @@ ui: install
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts \
 	  --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
+bench: install
+	$(PY) scripts/bench.py
+
 lint: install
 	$(VENV)/bin/hadolint Dockerfile
 

@@ -160,8 +160,10 @@ def make_run_widths() -> list[int]:
     found = re.search(r"^DD_WIDTHS \?= *([0-9,]+)", (ROOT / "Makefile").read_text(), re.M)
     if found:
         return [int(w) for w in found.group(1).split(",")]
-    cfg = compose([f"+exp={STUDY}", "logger=none"])
-    return [int(w) for w in str(cfg.hydra.sweeper.params["model.width"]).split(",")]
+    import yaml
+
+    preset = yaml.safe_load((CONF / "exp" / f"{STUDY}.yaml").read_text())
+    return [int(w) for w in str(preset["hydra"]["sweeper"]["params"]["model.width"]).split(",")]
 
 
 def study_plain(epochs: int, smoke: bool) -> float:

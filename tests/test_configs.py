@@ -56,8 +56,11 @@ def test_config_composes_and_instantiates(rel, tmp_path):
         assert cb is not None
     # GPU and DDP trainer files are built on one CPU process here: what is checked is that they construct.
     cpu_only = {} if torch.cuda.is_available() else {"accelerator": "cpu", "devices": 1, "strategy": "auto"}
-    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
-                          **cpu_only)
+    from reglab import performance
+
+    performance.settings(cfg.trainer)  # trainer.performance: reglab's switches, checked, not Trainer arguments
+    trainer = instantiate(performance.trainer_config(cfg.trainer), logger=False, enable_progress_bar=False,
+                          default_root_dir=str(tmp_path), **cpu_only)
     assert trainer.max_epochs == cfg.trainer.max_epochs
 
 

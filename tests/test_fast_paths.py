@@ -145,6 +145,7 @@ def train_alone(cfg) -> torch.nn.Module:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from reglab import performance
     from reglab.classifier import Classifier
     from reglab.train import build_data, build_model
 
@@ -153,7 +154,8 @@ def train_alone(cfg) -> torch.nn.Module:
     dm.setup()
     net = build_model(cfg, dm.input_shape, dm.num_classes)
     module = Classifier(net, optim=OmegaConf.to_container(cfg.optim, resolve=True))
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
+    trainer = instantiate(performance.trainer_config(cfg.trainer), logger=False, callbacks=[],
+                          enable_checkpointing=False,
                           enable_progress_bar=False, default_root_dir=str(cfg.paths.root))
     trainer.fit(module, datamodule=dm)
     return net

@@ -22,7 +22,7 @@ from reglab.errors import ConfigError
 
 # Keys that change how a run is observed, not what it computes: left out of the fingerprint, so a rerun with
 # another logger, progress bar or output folder is recognised as the same run.
-NON_SEMANTIC_KEYS = ("logger", "paths", "callbacks.progress", "hydra", "report", "study", "launcher")
+NON_SEMANTIC_KEYS = ("logger", "paths", "callbacks.progress", "hydra", "report", "study", "launcher", "pack")
 VERSIONED_PACKAGES = ("torch", "lightning", "mlflow", "hydra-core", "albumentations", "numpy", "reglab")
 
 
