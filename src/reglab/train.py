@@ -150,7 +150,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             logger.experiment.log_figure(logger.run_id, preview, "augmentation_preview.png")
 
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=child.ckpt_path if child else None)
+        trainer.fit(module, datamodule=dm, ckpt_path=child.ckpt_path if child else None, weights_only=True)
     except DivergenceError as e:
         if logger is not None:
             logger.experiment.set_tag(logger.run_id, "failure_reason", f"divergence: {e}")
