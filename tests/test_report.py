@@ -69,8 +69,17 @@ def test_modelwise_table_is_mean_and_std_over_seeds(report_dir):
         assert t.loc[width, "train_err_mean"] == pytest.approx(train_final)
         assert t.loc[width, "params"] == width * 100
     # Width 8 is the first whose train error is <= 1%: the interpolation threshold, where the test error peaks.
-    assert "Interpolation threshold (first width with mean final train error <= 1%): 8." in (
-        out / "modelwise.md").read_text()
+    md = (out / "modelwise.md").read_text()
+    assert "Interpolation threshold (first width with mean final train error <= 1%): 8." in md
+    assert "Test-error peak (second descent): width 8." in md
+
+
+def test_peak_is_after_the_classical_sweet_spot_not_an_underfitting_width():
+    from reglab.studies.double_descent import peak_width
+
+    t = pd.DataFrame({"width": [4, 16, 48, 64, 256], "test_err_mean": [0.62, 0.50, 0.56, 0.52, 0.46],
+                      "train_err_mean": [0.62, 0.44, 0.08, 0.0, 0.0]})
+    assert peak_width(t) == 48  # not width 4, whose error is higher only because it underfits
 
 
 def test_epochwise_table_has_every_width_and_epoch_once(report_dir):

@@ -70,6 +70,16 @@ def interpolation_threshold(table: pd.DataFrame) -> int | None:
     return int(fitted["width"].iloc[0]) if len(fitted) else None
 
 
+def peak_width(table: pd.DataFrame) -> int:
+    """Width of the second-descent peak: the highest test error at or beyond the classical sweet spot (the lowest
+    test error among widths up to the interpolation threshold), so an underfitting small width is not "the peak"."""
+    critical = interpolation_threshold(table)
+    classical = table if critical is None else table[table["width"] <= critical]
+    sweet = classical.loc[classical["test_err_mean"].idxmin(), "width"]
+    beyond = table[table["width"] >= sweet]
+    return int(beyond.loc[beyond["test_err_mean"].idxmax(), "width"])
+
+
 def epochwise_table(history: pd.DataFrame) -> pd.DataFrame:
     g = history.groupby(["width", "epoch"])
     return pd.DataFrame({
@@ -92,8 +102,7 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
 
 def _pick_widths(table: pd.DataFrame, critical: int | None) -> list[int]:
     widths = list(table["width"])
-    peak = int(table.loc[table["test_err_mean"].idxmax(), "width"])
-    mid = critical if critical is not None else peak
+    mid = critical if critical is not None else peak_width(table)
     return sorted({widths[0], mid, widths[-1]})
 
 
@@ -124,9 +133,10 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
     if critical is not None:
         ax.axvline(critical, color="gray", ls="--", lw=1,
                    label=f"interpolation threshold (train err <= {100 * INTERPOLATED:.0f}%): width {critical}")
-    peak = table.loc[table["test_err_mean"].idxmax()]
-    ax.annotate(f"test peak {100 * peak.test_err_mean:.1f}% at width {int(peak.width)}",
-                (peak.width, 100 * peak.test_err_mean), textcoords="offset points", xytext=(8, 8), fontsize=8)
+    peak = table[table["width"] == peak_width(table)].iloc[0]
+    ax.annotate(f"test-error peak: {100 * peak.test_err_mean:.1f}% at width {int(peak.width)}",
+                (peak.width, 100 * peak.test_err_mean), textcoords="offset points", xytext=(0, 14), fontsize=8,
+                ha="center", arrowprops={"arrowstyle": "->", "lw": 0.8})
     ax.set_xscale("log")
     plain_log_axis(ax.xaxis, list(w))
     ax.set_xlabel("width (hidden units per layer, log scale)")
@@ -203,6 +213,22 @@ def _study_config(client, parent, out: Path) -> dict:
 MARKDOWN_EPOCHS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 4000)
 
 
+def left_out_note(client, parent) -> str:
+    """The parent's children that did not finish (diverged, crashed, killed, still running): they are in no table or
+    figure, and the report says which, with their swept values and the recorded reason."""
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                              f"and attributes.status != 'FINISHED'")
+    if not runs:
+        return ""
+    axes = sorted(k.removeprefix("sweep.") for k in parent.data.tags if k.startswith("sweep."))
+    items = []
+    for r in runs:
+        values = " ".join(f"{k}={r.data.params.get(k, '?')}" for k in axes) or r.info.run_name
+        reason = r.data.tags.get("failure_reason", "no reason recorded (killed, or still running)")
+        items.append(f"- {values}: {r.info.status}, {reason}")
+    return f"Left out: {len(runs)} child run(s) that did not finish.\n\n" + "\n".join(items) + "\n\n"
+
+
 def report(client, parent, out: Path) -> None:
     finals, history = collect(client, parent)
     table = modelwise_table(finals)
@@ -213,7 +239,9 @@ def report(client, parent, out: Path) -> None:
     table.to_csv(out / "modelwise.csv", index=False)
     critical = interpolation_threshold(table)
     note = (f"Interpolation threshold (first width with mean final train error <= {INTERPOLATED:.0%}): "
-            f"{critical if critical is not None else 'not reached'}.\n\n")
+            f"{critical if critical is not None else 'not reached'}. Test-error peak (second descent): width "
+            f"{peak_width(table)}.\n\n")
+    note += left_out_note(client, parent)
     (out / "modelwise.md").write_text(f"# {study}: model-wise\n\n{note}" + to_markdown(table))
     epochwise.to_csv(out / "epochwise.csv", index=False)
     last = int(epochwise["epoch"].max())
