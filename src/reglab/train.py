@@ -169,9 +169,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def study_runners() -> list[str]:
+    """Modules of reglab.studies that define a top-level run(cfg) (others hold only a study's report)."""
     import reglab.studies
 
-    return sorted(m.name for m in pkgutil.iter_modules(reglab.studies.__path__) if not m.name.startswith("_"))
+    folder = Path(reglab.studies.__path__[0])
+    return sorted(m.name for m in pkgutil.iter_modules([str(folder)]) if not m.name.startswith("_")
+                  and "\ndef run(" in (folder / f"{m.name}.py").read_text())
 
 
 def main(cfg: DictConfig) -> dict[str, float]:
