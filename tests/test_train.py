@@ -84,3 +84,13 @@ def test_invalid_values_name_their_key(tmp_root, override, key):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         run(compose(quick(tmp_root, override)))
+
+
+def test_runner_must_name_a_study_with_a_run_function(tmp_root):
+    from reglab.errors import ConfigError
+    from reglab.train import main, study_runners
+
+    assert {"polynomial", "bias_variance"} <= set(study_runners())
+    assert "double_descent" not in study_runners()  # a report module, not a runner
+    with pytest.raises(ConfigError, match="runner='double_descent'"):
+        main(compose(quick(tmp_root, "runner=double_descent")))
