@@ -24,6 +24,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     metrics = cli.run_job(train, cfg, CONF)  # a user error: one line `error: ...`, exit status 2
+    if metrics is None:  # a multirun job that failed: the sweep goes on, cli.main exits non-zero at its end
+        return None
     print(" ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))))
     return metrics.get("val/loss")
 

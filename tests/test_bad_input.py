@@ -125,3 +125,35 @@ def test_bad_input_is_one_line_and_writes_nothing(args, expected, datasets, resu
     assert "Traceback" not in r.stdout + r.stderr
     assert snapshot(results) == before
     assert not (tmp_path / "pwned").exists()
+
+
+def test_resuming_from_another_models_checkpoint_is_one_line_and_touches_no_run(tmp_path):
+    """A study child was killed mid-run (MLflow: RUNNING) and its last.ckpt now holds another model's weights (a
+    changed model definition, a copied file). Rerunning the study refuses to resume it, naming the file."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    study = ["+exp=double_descent_mnist1d", "hydra/launcher=basic", "data.train_samples=500", "data.test_samples=200",
+             "model.width=8", "trainer.max_epochs=1", f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep"]
+    first = train_cli(*study, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("double_descent").experiment_id
+    (child,) = client.search_runs([exp], "tags.`reglab.role` = 'child'")
+    client.update_run(child.info.run_id, status="RUNNING")  # what kill -9 leaves behind
+    (last,) = (tmp_path / "outputs" / "checkpoints").glob("*/last.ckpt")
+    ckpt = torch.load(last, weights_only=True)
+    key = next(k for k, v in ckpt["state_dict"].items() if v.dim() == 2)
+    ckpt["state_dict"][key] = torch.zeros(16, ckpt["state_dict"][key].shape[1])  # a wider model's layer
+    ckpt["epoch"] = 0  # as if written after the first epoch, before the kill: the rerun resumes from it
+    torch.save(ckpt, last)
+    before = client.get_run(child.info.run_id)
+
+    r = train_cli(*study, cwd=tmp_path)
+
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (job_error,) = [line for line in r.stderr.splitlines() if line.startswith("error: job")]
+    assert f"{last} was saved by another model ({key} has shape (16," in job_error and "delete" in job_error
+    after = client.get_run(child.info.run_id)
+    assert after.info.status == "RUNNING" and after.data.metrics == before.data.metrics
+    assert [c.info.run_id for c in client.search_runs([exp], "tags.`reglab.role` = 'child'")] == [child.info.run_id]

@@ -129,3 +129,35 @@ def test_read_only_results_folder_is_one_line_and_untouched(tmp_path):
     line = only_error_line(r.stderr)
     assert f"paths.root={results}" in line and ("read-only" in line or "not writable" in line)
     assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == before
+
+
+# --- a sweep with a failing job ------------------------------------------------------------------------------------
+STUDY = ["+exp=double_descent_mnist1d", "hydra/launcher=basic", "data.train_samples=1000", "data.test_samples=500",
+         "model.width=8", "trainer.max_epochs=2"]
+
+
+def test_a_diverging_sweep_job_fails_alone_and_the_report_says_so(tmp_path):
+    r = train_cli(*STUDY, "optim.lr=0.05,1e30", f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep",
+                  cwd=tmp_path)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in r.stderr and len(errors) == 2, r.stderr[-3000:]
+    assert "optim.lr=1e+30" in errors[0] and "training diverged" in errors[0]  # the job, when it failed
+    assert errors[1].startswith("error: 1 sweep job(s) failed, the others ran")  # the sweep, at its end
+
+    client, runs = runs_of(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "double_descent")
+    (parent,) = [run for run in runs if run.data.tags.get("reglab.role") == "parent"]
+    assert parent.info.status == "FINISHED"
+    status = {run.data.params["optim.lr"]: run for run in runs if run.data.tags.get("reglab.role") == "child"}
+    assert status["0.05"].info.status == "FINISHED"
+    assert status["1e+30"].info.status == "FAILED"
+    assert status["1e+30"].data.tags["failure_reason"].startswith("divergence: train/loss is nan")
+
+    report = tmp_path / "results" / "double_descent_mnist1d"
+    md = (report / "modelwise.md").read_text()
+    assert "Left out: 1 child run(s) that did not finish." in md
+    assert "optim.lr=1e+30: FAILED, divergence: train/loss is nan" in md
+    import csv
+
+    (row,) = csv.DictReader((report / "modelwise.csv").open())  # width 8, from the finished run alone
+    assert row["width"] == "8" and row["seeds"] == "1"

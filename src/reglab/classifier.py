@@ -9,6 +9,7 @@ MLflow's x axis reads in epochs.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reglab.errors import ConfigError, DivergenceError
+from reglab.errors import CheckpointError, ConfigError, DivergenceError
 from reglab.regularization.base import Regularizer
 from reglab.regularization.penalties import weight_stats
 
@@ -63,6 +64,23 @@ class Classifier(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def check_checkpoint(self, path: str) -> None:
+        """Before resuming from `path`: a checkpoint of another model (other width, depth or norm, or written by an
+        older reglab) would fail deep inside load_state_dict with a many-line error; name the file and what differs."""
+        try:
+            theirs = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        except Exception as e:
+            raise CheckpointError(f"{path} cannot be read ({type(e).__name__}); delete it to start this run "
+                                  f"afresh") from None
+        ours = self.state_dict()
+        differ = [f"{k} has shape {tuple(theirs[k].shape)}, this model {tuple(v.shape)}"
+                  for k, v in ours.items() if k in theirs and theirs[k].shape != v.shape]
+        differ += [f"no {k}" for k in ours if k not in theirs] + [f"unknown {k}" for k in theirs if k not in ours]
+        if differ:
+            raise CheckpointError(f"{path} was saved by another model ({'; '.join(differ[:2])}"
+                                  f"{f'; {len(differ) - 2} more' if len(differ) > 2 else ''}); delete "
+                                  f"{Path(path).parent} to start this configuration afresh")
 
     # --- metric accumulation: sums on the device, one reduction per epoch --------------------------------
     def _accumulate(self, stage: str, values: dict[str, torch.Tensor]) -> None:

@@ -13,16 +13,20 @@ import errno
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn
+
+from hydra.experimental.callback import Callback
 
 from reglab.errors import ReglabError
 
 EXIT_USER_ERROR = 2
 # A folder the run writes to is full or read-only: the user's to fix, not a bug.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
-# Jobs of the current multirun that failed with a user error: (job number, overrides, message).
-FAILED_JOBS: list[tuple[int, str, str]] = []
+ERROR_FILE = "error.txt"
+# Jobs of the multirun that just ended that failed with a user error: "job N (overrides): message".
+FAILED_JOBS: list[str] = []
 
 
 def _options(conf_dir: Path, group: str) -> list[str]:
@@ -90,14 +94,15 @@ def one_line(exc: BaseException, conf_dir: Path) -> str | None:
     return None
 
 
-def _in_multirun() -> tuple[int, str] | None:
+def _multirun_job() -> tuple[str, Path] | None:
+    """(`job N (overrides)`, the job's output folder) inside a multirun job, else None."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    job = HydraConfig.get().job
-    return int(job.num), " ".join(HydraConfig.get().overrides.task)
+    hc = HydraConfig.get()
+    return f"job {hc.job.num} ({' '.join(hc.overrides.task)})", Path(hc.runtime.output_dir)
 
 
 def fail(line: str) -> NoReturn:
@@ -107,20 +112,36 @@ def fail(line: str) -> NoReturn:
 
 def run_job(task: Callable[[Any], Any], cfg: Any, conf_dir: Path) -> Any:
     """Inside a Hydra job. A user error ends a single run with one line. In a multirun it is printed with the
-    job's number and re-raised, so Hydra marks that job failed, runs the rest of the sweep and then `main` exits
-    non-zero."""
+    job's number, written to <job folder>/error.txt and the job returns None: Hydra skips the study's report
+    (on_multirun_end) when a job raises, so the job must not; `SweepFailures` collects the files and `main` exits
+    non-zero after the rest of the sweep ran."""
     try:
         return task(cfg)
     except Exception as e:
         line = one_line(e, conf_dir)
         if line is None:
             raise
-        job = _in_multirun()
+        job = _multirun_job()
         if job is None:
             fail(line)
-        FAILED_JOBS.append((job[0], job[1], line))
-        print(f"error: job {job[0]} ({job[1]}): {line}", file=sys.stderr, flush=True)
-        raise
+        print(f"error: {job[0]}: {line}", file=sys.stderr, flush=True)
+        job[1].mkdir(parents=True, exist_ok=True)
+        (job[1] / ERROR_FILE).write_text(f"{job[0]}: {line}\n")
+        return None
+
+
+class SweepFailures(Callback):
+    """Hydra callback (conf/train.yaml): after a multirun, the jobs that failed with a user error, from their
+    error.txt (written in the job's own process, so any launcher works), for `main` to report."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        started = getattr(self, "started", 0.0) - 1  # mtime resolution
+        for path in sorted(Path(config.hydra.sweep.dir).glob(f"*/{ERROR_FILE}")):
+            if path.stat().st_mtime >= started:  # not a file left by an earlier sweep into the same folder
+                FAILED_JOBS.append(path.read_text().strip())
 
 
 def main(hydra_main: Callable[[], Any], conf_dir: Path) -> None:
@@ -133,8 +154,7 @@ def main(hydra_main: Callable[[], Any], conf_dir: Path) -> None:
         line = one_line(e, conf_dir)
         if line is None or keep_hydra_report:
             raise
-        if FAILED_JOBS:
-            jobs = ", ".join(str(num) for num, _, _ in FAILED_JOBS)
-            fail(f"{len(FAILED_JOBS)} sweep job(s) failed (job {jobs}; each one's error is above); "
-                 f"the other jobs ran. First: {FAILED_JOBS[0][2]}")
         fail(line)
+    if FAILED_JOBS:
+        fail(f"{len(FAILED_JOBS)} sweep job(s) failed, the others ran (each error is above; a study's report leaves "
+             f"failed runs out). First: {FAILED_JOBS[0]}")

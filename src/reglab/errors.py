@@ -15,3 +15,7 @@ class DataError(ReglabError):
 
 class DivergenceError(ReglabError):
     """The training loss became NaN or infinite."""
+
+
+class CheckpointError(ReglabError):
+    """A checkpoint cannot be used: damaged, or written by another model."""

@@ -131,6 +131,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                           regularizers=build_regularizers(cfg))
 
     module = build_module()
+    if child is not None and child.ckpt_path:
+        module.check_checkpoint(child.ckpt_path)  # another model's checkpoint: one line, before MLflow is touched
 
     logger = build_logger(cfg, name, fp, child)
     callbacks = build_callbacks(cfg, ckpt_dir)
