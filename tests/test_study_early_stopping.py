@@ -1,0 +1,111 @@
+"""+exp=early_stopping end to end, made tiny: 4 arms x 2 seeds through the real CLI into an MLflow store; the report's
+numbers are the runs' MLflow metrics, i* is the argmin of the val/loss history, and the arms differ only in stopping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from train_cli import train_cli
+
+EPOCHS, PATIENCE = 6, 1
+EXPERIMENT = "early_stopping_test"
+# Overfits within a few epochs: 100 noisy examples, a high learning rate.
+TINY = ["+exp=early_stopping", "hydra/launcher=basic", "seed=0,1", f"trainer.max_epochs={EPOCHS}",
+        f"patience={PATIENCE}", "data.train_size=100", "model.width=128", "optim.lr=0.01",
+        f"logger.experiment={EXPERIMENT}"]
+ARM_METRIC = {"final": "test/err", "best": "test/err", "retrain": "early_stopping/test/err",
+              "continue": "early_stopping/test/err"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("es_study")
+    r = train_cli(*TINY, f"paths.root={root}", f"hydra.sweep.dir={root}/sweep", f"logger.tracking_uri={mlflow_uri}",
+                  cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    [parent] = client.search_runs([exp], "tags.`reglab.role` = 'parent' and tags.study = 'early_stopping'")
+    kids = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return root / "results" / "early_stopping", client, parent, kids
+
+
+def _arm(run) -> str:
+    after = run.data.params.get("callbacks.early_stopping.after_stop")
+    return {None: "final", "none": "best"}.get(after, after)
+
+
+def _val_loss(client, run) -> np.ndarray:
+    h = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss"))
+    assert [s for s, _ in h] == list(range(len(h)))  # one point per epoch, no gap
+    return np.array([v for _, v in h])
+
+
+@pytest.mark.slow  # the module's sweep: ~30-50 s on 2 loaded cores
+def test_every_arm_and_seed_is_one_finished_child_and_the_report_is_written(study):
+    out, client, parent, kids = study
+    assert sorted((_arm(k), int(k.data.params["seed"])) for k in kids) == sorted(
+        (a, s) for a in ARM_METRIC for s in (0, 1))
+    assert all(k.info.status == "FINISHED" for k in kids) and parent.info.status == "FINISHED"
+    files = {"learning_curves.png", "test_error.png", "test_error.csv", "test_error.md", "stopping_points.csv",
+             "stopping_points.md", "runs.csv", "config.yaml"}
+    assert files <= {p.name for p in out.iterdir()}
+    assert files <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    for png in ("learning_curves.png", "test_error.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a drawn figure, not an empty canvas
+
+
+def test_test_error_table_is_mean_and_std_of_the_runs_mlflow_metrics(study):
+    out, _, _, kids = study
+    table = pd.read_csv(out / "test_error.csv").set_index("arm")
+    assert list(table.index) == list(ARM_METRIC)  # final, best, retrain, continue
+    for arm, metric in ARM_METRIC.items():
+        values = np.array([k.data.metrics[metric] for k in kids if _arm(k) == arm])
+        assert len(values) == 2 and table.loc[arm, "seeds"] == 2
+        assert table.loc[arm, "test_err_mean"] == pytest.approx(values.mean(), abs=1e-12)
+        assert table.loc[arm, "test_err_std"] == pytest.approx(values.std(), abs=1e-12)
+    # retrain/continue are different numbers from the best checkpoint's: a real second phase ran.
+    for k in kids:
+        if _arm(k) in ("retrain", "continue"):
+            assert k.data.metrics["early_stopping/steps"] > 0
+
+
+def test_i_star_is_the_argmin_of_the_val_loss_history_and_stopping_follows_patience(study):
+    out, client, _, kids = study
+    points = pd.read_csv(out / "stopping_points.csv").set_index("seed")
+    runs = pd.read_csv(out / "runs.csv")
+    for k in kids:
+        arm, seed = _arm(k), int(k.data.params["seed"])
+        val = _val_loss(client, k)
+        i_star = int(np.argmin(val)) + 1  # epochs are 1-based: the state after i* epochs
+        row = runs[runs.run_id == k.info.run_id].iloc[0]
+        assert row.i_star == i_star and row.epochs == len(val)
+        if arm == "final":
+            assert len(val) == EPOCHS  # trained past the optimum, all epochs
+            assert points.loc[seed, "argmin_all_epochs"] == i_star
+            continue
+        # Lightning's EarlyStopping stops `patience` epochs after the best one, or at max_epochs.
+        assert len(val) == min(i_star + PATIENCE, EPOCHS)
+        assert k.data.metrics["early_stopping/best_epoch"] + 1 == i_star  # theta* is the argmin checkpoint
+        assert k.data.metrics["early_stopping/best_val_loss"] == pytest.approx(val.min(), rel=1e-6)
+        if arm == "best":
+            assert points.loc[seed, "i_star"] == i_star and points.loc[seed, "stopped_at"] == len(val)
+
+
+def test_arms_share_the_first_phase_so_they_differ_only_in_stopping(study):
+    _, client, _, kids = study
+    by = {(_arm(k), int(k.data.params["seed"])): k for k in kids}
+    stopped_early = 0
+    for seed in (0, 1):
+        full = _val_loss(client, by[("final", seed)])
+        for arm in ("best", "retrain", "continue"):
+            es = _val_loss(client, by[(arm, seed)])
+            np.testing.assert_allclose(es, full[: len(es)], rtol=1e-6)  # the same training until it stops
+            # theta* is the same checkpoint in every early-stopping arm: the same test error before after_stop.
+            assert by[(arm, seed)].data.metrics["test/err"] == pytest.approx(by[("best", seed)].data.metrics["test/err"])
+        stopped_early += len(_val_loss(client, by[("best", seed)])) < EPOCHS
+    assert stopped_early >= 1, "the tiny task should overfit and stop early for at least one seed"
