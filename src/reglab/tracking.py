@@ -7,6 +7,7 @@ or `logger.tracking_uri=...` (including `http://host:port` of an `mlflow server`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -111,7 +112,9 @@ def fingerprint(cfg: DictConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
+    # Once per process (two git subprocesses, ~15 ms): a sweep worker runs many jobs of the same checkout.
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).parent)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 import warnings
@@ -16,6 +17,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -80,6 +82,12 @@ def build_logger(cfg: DictConfig, name: str, fp: str, child: "sweep.Child | None
     # synchronous=false: metrics go to the store from MLflow's background thread (a SQLite commit is ~25 ms of
     # waiting per epoch, as long as a whole epoch of a small model); ending the run flushes the queue.
     sync = bool(cfg.logger.get("synchronous", False))
+    if not sync:
+        # MLflow's queue thread otherwise blocks on `queue.get(timeout=1)`: ending a run (after fit, again after
+        # test) waits up to 1 s for it to notice. With buffering it sleeps on the stop event instead (ends at once)
+        # and merges the points queued in that second into one SQLite write. Read by MLflow at each wake-up.
+        if not os.environ.get("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"):  # unset or empty (MLflow hangs on "")
+            os.environ["MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"] = "1"
     if child is not None:  # a study's child run, new or continued (reglab/sweep.py)
         return sweep.child_logger(cfg, child, experiment_name=cfg.logger.experiment, run_name=name, tracking_uri=uri,
                                   artifact_location=artifacts, tags=tags,
@@ -138,9 +146,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     callbacks = build_callbacks(cfg, ckpt_dir)
     has_progress = any(type(c).__name__ == "RichProgressBar" for c in callbacks)
     performance.apply(cfg.trainer, module.net)  # channels_last, torch.compile, TF32 (trainer.performance)
+    # Without a checkpoint callback (callbacks.checkpoint=null) Lightning would add its own, writing every epoch.
+    saves = {"enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks)} \
+        if cfg.trainer.get("enable_checkpointing") is None else {}
     trainer: L.Trainer = instantiate(performance.trainer_config(cfg.trainer), logger=logger or False,
                                      callbacks=callbacks, enable_progress_bar=has_progress,
-                                     default_root_dir=str(ckpt_dir))
+                                     default_root_dir=str(ckpt_dir), **saves)
     if logger is not None:
         params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
         params.update({"model.params": module.num_params, "data.label_noise_realized": dm.label_noise_realized})

@@ -1,0 +1,125 @@
+"""reglab.checkpoint.Checkpoint: last.ckpt is the latest epoch (Lightning >= 2.6 leaves it at the best one), an
+improving epoch is written once (last.ckpt a hard link to best-<epoch>.ckpt), `last_every_s` spaces the writes of
+non-improving epochs, and `callbacks.checkpoint=null` writes nothing at all."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose, quick
+
+from reglab import checkpoint as ckpt_module
+from reglab.train import run
+
+# An MLP on digits at a learning rate that overfits fast: val/loss improves for a few epochs, then rises.
+BASE = ("data=digits", "model=mlp", "model.width=64", "optim=adam", "optim.lr=0.05", "callbacks.early_stopping=null",
+        "trainer.max_epochs=8")
+
+
+def _files(cfg) -> dict[str, Path]:
+    (folder,) = Path(cfg.paths.checkpoints).iterdir()
+    return {p.name: p for p in folder.glob("*.ckpt")}
+
+
+def _record_epochs(monkeypatch) -> list[dict]:
+    """After each epoch's checkpoint hook: {name: (epoch in file, inode)} of the folder."""
+    seen: list[dict] = []
+    original = ckpt_module.Checkpoint._after_epoch
+
+    def spy(self, trainer, on_train_epoch_end):
+        original(self, trainer, on_train_epoch_end)
+        if self._should_save_on_train_epoch_end(trainer) == on_train_epoch_end and self.dirpath \
+                and Path(self.dirpath).exists():
+            seen.append({"epoch": trainer.current_epoch, "best": trainer.checkpoint_callback.best_model_path,
+                         "files": {p.name: (torch.load(p, weights_only=True)["epoch"], os.stat(p).st_ino)
+                                   for p in Path(self.dirpath).glob("*.ckpt")}})
+    monkeypatch.setattr(ckpt_module.Checkpoint, "_after_epoch", spy)
+    return seen
+
+
+def test_last_is_every_epoch_and_an_improving_epoch_is_written_once(tmp_root, monkeypatch):
+    seen = _record_epochs(monkeypatch)
+    cfg = compose(quick(tmp_root, *BASE, "callbacks.checkpoint.last_every_s=null"))
+    run(cfg)
+    improved = [s for s in seen if Path(s["best"]).name == f"best-{s['epoch']}.ckpt"]
+    stale = [s for s in seen if s not in improved]
+    assert improved and stale, "the run should both improve and overfit; pick another learning rate"
+    for s in seen:
+        assert s["files"]["last.ckpt"][0] == s["epoch"]  # the latest epoch, improving or not
+    for s in improved:  # one file under two names
+        assert s["files"]["last.ckpt"][1] == s["files"][f"best-{s['epoch']}.ckpt"][1]
+    for s in stale:
+        assert s["files"]["last.ckpt"][1] != s["files"][Path(s["best"]).name][1]
+
+
+def test_last_every_s_spaces_writes_and_the_end_of_training_writes_the_final_weights(tmp_root, monkeypatch):
+    seen = _record_epochs(monkeypatch)
+    cfg = compose(quick(tmp_root, *BASE, "callbacks.checkpoint.last_every_s=3600"))
+    run(cfg)
+    for s in seen:  # during training, last.ckpt moves only with an improving epoch (a free link)
+        best_epoch = int(Path(s["best"]).stem.split("-")[1])
+        assert s["files"]["last.ckpt"][0] == best_epoch
+    files = _files(cfg)
+    last = torch.load(files["last.ckpt"], weights_only=True)
+    assert last["epoch"] == cfg.trainer.max_epochs and last["global_step"] > 0  # written at the end of fit
+    best = torch.load(next(p for n, p in files.items() if n.startswith("best")), weights_only=True)
+    assert any(not torch.equal(last["state_dict"][k], best["state_dict"][k]) for k in best["state_dict"])
+
+
+def test_resuming_from_last_continues_the_latest_epoch(tmp_root):
+    """A run of 4 epochs resumed to 8 ends with the same weights as 8 epochs in one go (CPU, deterministic)."""
+    full = compose(quick(tmp_root / "full", *BASE, "callbacks.checkpoint.last_every_s=null"))
+    run(full)
+    first = compose(quick(tmp_root / "part", *BASE, "callbacks.checkpoint.last_every_s=null", "trainer.max_epochs=4"))
+    run(first)
+    last = _files(first)["last.ckpt"]
+    assert torch.load(last, weights_only=True)["epoch"] == 3  # saved at the end of epoch index 3
+
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from reglab import performance
+    from reglab.classifier import Classifier
+    from reglab.train import build_data, build_model
+
+    resumed_cfg = compose(quick(tmp_root / "part", *BASE))
+    L.seed_everything(resumed_cfg.seed, workers=True, verbose=False)
+    dm = build_data(resumed_cfg)
+    dm.setup()
+    module = Classifier(build_model(resumed_cfg, dm.input_shape, dm.num_classes),
+                        optim=OmegaConf.to_container(resumed_cfg.optim, resolve=True))
+    trainer = instantiate(performance.trainer_config(resumed_cfg.trainer), logger=False, callbacks=[],
+                          enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(last), weights_only=True)
+    reference = torch.load(_files(full)["last.ckpt"], weights_only=True)["state_dict"]
+    for k, v in module.state_dict().items():
+        assert torch.allclose(v, reference[k], atol=1e-6), k
+
+
+def test_no_checkpoint_callback_writes_no_checkpoint(tmp_root):
+    cfg = compose(quick(tmp_root, *BASE, "callbacks.checkpoint=null", "trainer.max_epochs=2"))
+    run(cfg)
+    written = list(Path(tmp_root).rglob("*.ckpt"))
+    assert written == []  # Lightning would otherwise add its own ModelCheckpoint, writing every epoch
+
+
+@pytest.mark.parametrize("value", ["", None])
+def test_async_mlflow_logging_gets_a_buffer_interval(monkeypatch, tmp_root, mlflow_uri, value):
+    """MLflow's queue hangs on an empty MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS and, without one, waits up to 1 s
+    at each run end; an asynchronous reglab logger sets 1 s (a user's own value is kept)."""
+    from reglab.train import build_logger
+
+    if value is None:
+        monkeypatch.delenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", value)
+    cfg = compose(quick(tmp_root, "logger=mlflow", f"logger.tracking_uri={mlflow_uri}"))
+    assert build_logger(cfg, "x", "fp") is not None
+    assert os.environ["MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"] == "1"
+    monkeypatch.setenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "3")
+    build_logger(cfg, "x", "fp")
+    assert os.environ["MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"] == "3"
