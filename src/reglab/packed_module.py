@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-import lightning as L
 import torch
 
 from reglab.classifier import Classifier
@@ -19,25 +18,24 @@ from reglab.errors import DivergenceError
 from reglab.packed import Pack, packed_loss
 
 
-class PackedClassifier(L.LightningModule):
+class PackedClassifier(Classifier):
+    """Classifier over a Pack: the training, validation and test steps, hooks and optimizer are Classifier's; only
+    the loss (one per model) and the per-model logging differ."""
+
     def __init__(self, pack: Pack, optim: Mapping[str, Any], loggers: list | None = None):
-        super().__init__()
-        self.net = pack  # `net`: Classifier.configure_optimizers reads it
-        self.optim_cfg = dict(optim)
+        # NaN check at epoch end (not per step) so the error can name the widths that diverged.
+        super().__init__(pack, optim, check_finite="epoch")
         self.child_loggers = list(loggers or [None] * len(pack.nets))
-        self._sums: dict[str, torch.Tensor] = {}
         self.final: list[dict[str, float]] = [{} for _ in pack.nets]
 
-    def _step(self, stage: str, batch) -> torch.Tensor:
+    def _step(self, stage: str, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self.net(x)  # (B, K, C)
         losses = packed_loss(logits, y)  # (K,)
         n = torch.full_like(losses, float(len(y)))
         correct = (logits.argmax(-1) == y[:, None]).sum(0).float()
-        for k, v in (("loss_sum", losses.detach() * n), ("correct", correct), ("n", n)):
-            key = f"{stage}/{k}"
-            self._sums[key] = self._sums[key] + v if key in self._sums else v
-        return losses.sum()  # d(sum)/d(theta_k) = dL_k/d(theta_k): each model keeps its own gradient
+        self._accumulate(stage, {"loss_sum": losses.detach() * n, "correct": correct, "n": n})
+        return losses.sum(), logits  # d(sum)/d(theta_k) = dL_k/d(theta_k): each model keeps its own gradient
 
     def _log_epoch(self, stage: str) -> None:
         if f"{stage}/n" not in self._sums:
@@ -59,35 +57,10 @@ class PackedClassifier(L.LightningModule):
 
         return [{k: float(v) for k, v in weight_stats(net).items()} for net in self.net.unpack()]
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step("train", batch)
-
     def on_train_start(self) -> None:
         for net, logger in zip(self.net.nets, self.child_loggers):
             if logger is not None:
                 logger.log_metrics({"model/params": float(net.num_params)}, step=0)
 
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
-
-    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        stages = getattr(self.trainer.datamodule, "eval_stages", ("val",))
-        self._step(stages[dataloader_idx], batch)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            self._sums = {k: v for k, v in self._sums.items() if not k.startswith(("val/", "test/"))}
-            return
-        self._log_epoch("val")
-        self._log_epoch("test")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._step("test", batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
-
     def on_fit_end(self) -> None:
         self.net.unpack()
-
-    configure_optimizers = Classifier.configure_optimizers  # same optimizer, weight-decay rule and schedule
