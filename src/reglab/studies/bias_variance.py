@@ -97,22 +97,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     for key in ("n_datasets", "n_test"):
         if not isinstance(b[key], int) or b[key] < 2:
             raise ConfigError(f"{STUDY}.{key}={b[key]!r} is invalid: expected an integer >= 2")
-    rec = StudyRecorder(cfg, STUDY)
-    start, threads = time.time(), torch.get_num_threads()
-    # Tiny batched matmuls: intra-op threads only add synchronisation, and on a shared 2-core machine they made
-    # the MLP steps 10-40x slower (measured). Restored afterwards.
-    torch.set_num_threads(int(b.threads))
-    try:
-        metrics = _run(cfg, b, rec)
-    except BaseException:
-        rec.finish({}, failed=True)
-        raise
-    finally:
-        torch.set_num_threads(threads)
-    metrics["study/seconds"] = time.time() - start
-    rec.finish(metrics)
-    log.info("bias_variance: results in %s (%.1f s)", rec.dir, metrics["study/seconds"])
-    return metrics
+    return StudyRecorder(cfg, STUDY).run(lambda rec: _run(cfg, b, rec), b.threads)
 
 
 def _run(cfg: DictConfig, b: DictConfig, rec: StudyRecorder) -> dict[str, float]:

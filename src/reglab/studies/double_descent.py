@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reglab.studies._record import parent_config
 from reglab.errors import ReglabError
 
 INTERPOLATED = 0.01  # "train error ~ 0": at most 1% of the (noisy) training labels not fitted
@@ -200,16 +201,6 @@ def _subtitle(cfg: dict, table: pd.DataFrame) -> str:
     return ", ".join(bits)
 
 
-def _study_config(client, parent, out: Path) -> dict:
-    import yaml
-
-    try:
-        path = client.download_artifacts(parent.info.run_id, "config.yaml", str(out))
-    except Exception:  # a parent made before configs were logged: the report says less, nothing breaks
-        return {}
-    return yaml.safe_load(Path(path).read_text()) or {}
-
-
 MARKDOWN_EPOCHS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 4000)
 
 
@@ -234,7 +225,7 @@ def report(client, parent, out: Path) -> None:
     table = modelwise_table(finals)
     epochwise = epochwise_table(history)
     study = parent.data.tags.get("study", "study")
-    cfg = _study_config(client, parent, out)
+    cfg = parent_config(client, parent, out)
 
     table.to_csv(out / "modelwise.csv", index=False)
     critical = interpolation_threshold(table)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reglab.studies._record import parent_config
 from reglab.errors import ReglabError
 from reglab.studies._record import markdown_table
 
@@ -175,16 +176,6 @@ def _figure_test_error(table: pd.DataFrame, runs: pd.DataFrame, subtitle: str, o
     plt.close(fig)
 
 
-def _study_config(client, parent, out: Path) -> dict:
-    import yaml
-
-    try:
-        path = client.download_artifacts(parent.info.run_id, "config.yaml", str(out))
-    except Exception:  # a parent without its config: the figures say less, nothing breaks
-        return {}
-    return yaml.safe_load(Path(path).read_text()) or {}
-
-
 def _subtitle(cfg: dict) -> str:
     data, model, optim = cfg.get("data") or {}, cfg.get("model") or {}, cfg.get("optim") or {}
     bits = [str(data.get("_target_", "data")).rsplit(".", 1)[-1].replace("DataModule", "").lower() or "data"]
@@ -201,7 +192,7 @@ def _subtitle(cfg: dict) -> str:
 
 def report(client, parent, out: Path) -> None:
     runs, curves = collect(client, parent)
-    cfg = _study_config(client, parent, out)
+    cfg = parent_config(client, parent, out)
     es_cfg = (cfg.get("callbacks") or {}).get("early_stopping") or {}
     subtitle = _subtitle(cfg)
 

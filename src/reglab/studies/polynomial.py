@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -76,20 +75,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(f"{STUDY}.design={p.design!r} is not one of grid, random")
     if not p.noise_std > 0:
         raise ConfigError(f"{STUDY}.noise_std={p.noise_std!r} is invalid: expected a number > 0")
-    rec = StudyRecorder(cfg, STUDY)
-    start, threads = time.time(), torch.get_num_threads()
-    torch.set_num_threads(int(p.threads))  # 10-element tensors: extra threads only cost synchronisation
-    try:
-        metrics = _run(cfg, p, rec)
-    except BaseException:
-        rec.finish({}, failed=True)
-        raise
-    finally:
-        torch.set_num_threads(threads)
-    metrics["study/seconds"] = time.time() - start
-    rec.finish(metrics)
-    log.info("polynomial: results in %s (%.1f s)", rec.dir, metrics["study/seconds"])
-    return metrics
+    return StudyRecorder(cfg, STUDY).run(lambda rec: _run(cfg, p, rec), p.threads)
 
 
 def _run(cfg: DictConfig, p: DictConfig, rec: StudyRecorder) -> dict[str, float]:

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from reglab.studies._record import parent_config
 from reglab.errors import ReglabError
 from reglab.studies._record import markdown_table
 
@@ -179,14 +180,6 @@ def _figure_learning_curve(table: pd.DataFrame, subtitle: str, out: Path) -> Non
     plt.close(fig)
 
 
-def _study_config(client, parent, out: Path) -> dict:
-    try:
-        path = client.download_artifacts(parent.info.run_id, "config.yaml", str(out))
-    except Exception:  # a parent without its config: the figures say less, nothing breaks
-        return {}
-    return yaml.safe_load(Path(path).read_text()) or {}
-
-
 def _subtitle(cfg: dict) -> str:
     data, model, optim = cfg.get("data") or {}, cfg.get("model") or {}, cfg.get("optim") or {}
     bits = [str(data.get("_target_", "data")).rsplit(".", 1)[-1].replace("DataModule", "").lower() or "data"]
@@ -203,7 +196,7 @@ def _subtitle(cfg: dict) -> str:
 
 
 def report(client, parent, out: Path) -> None:
-    cfg = _study_config(client, parent, out)
+    cfg = parent_config(client, parent, out)
     runs = collect(client, parent, base_norm=str((cfg.get("model") or {}).get("norm", "none")))
     subtitle = _subtitle(cfg)
     study = parent.data.tags.get("study", "study")
