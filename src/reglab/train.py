@@ -178,6 +178,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}}
     metrics["model/params"] = float(module.num_params)
     metrics.update(early_stopping.after_stop(cfg, trainer, module, dm, logger, build_module))
+    if logger is not None and not cfg.get("study"):  # a study prints where its report is instead
+        print(f"MLflow: run {logger.run_id} ({name}) in experiment '{cfg.logger.experiment}' at "
+              f"{logger._tracking_uri}; open it with `make ui`")
     return metrics
 
 
