@@ -95,8 +95,8 @@ def _without_hydra(cfg: DictConfig) -> DictConfig:
 # --- a job's child run -----------------------------------------------------------------------------------------
 @dataclass
 class Child:
-    parent_id: str
-    study: str
+    parent_id: str | None  # None: a single run (no study) being continued
+    study: str | None
     run_id: str | None = None  # None: a new run
     ckpt_path: str | None = None  # resume from here
     logged_through: dict[str, int] = field(default_factory=dict)  # key -> last step already in the history
@@ -104,7 +104,7 @@ class Child:
 
     @property
     def tags(self) -> dict[str, str]:
-        return tracking.child_tags(self.parent_id, self.study)
+        return tracking.child_tags(self.parent_id, self.study) if self.parent_id else {}
 
 
 def _parent_id(cfg: DictConfig) -> str:
@@ -155,6 +155,31 @@ def find_child(cfg: DictConfig, fp: str, ckpt_dir: Path) -> Child:
     if ckpt_dir.exists():  # checkpoints of an attempt MLflow does not hold: start clean
         shutil.rmtree(ckpt_dir)
     return child
+
+
+def find_interrupted(cfg: DictConfig, fp: str, ckpt_dir: Path) -> Child | None:
+    """A single run (no study) killed before it ended is still RUNNING in MLflow: rerunning the same command
+    continues it from `last.ckpt`, as a study's child would be. When its history stops before the checkpoint (killed
+    between the two writes), continuing would leave a gap: it is marked KILLED with tag `reglab.superseded_by_rerun`
+    and the command starts over. A FINISHED run is never touched: the same command again is a new run."""
+    client, exp_id = tracking.client_and_experiment(cfg.logger.get("tracking_uri"), cfg.paths.root,
+                                                    cfg.logger.experiment)
+    runs = [r for r in client.search_runs([exp_id], f"tags.fingerprint = '{fp}' and attributes.status = 'RUNNING'",
+                                          order_by=["attributes.start_time DESC"])
+            if "mlflow.parentRunId" not in r.data.tags]
+    if not runs:
+        return None
+    run, last = runs[0], ckpt_dir / "last.ckpt"
+    logged = _logged_through(client, run)
+    if last.exists() and logged.get(LAST_EPOCH_KEY, -1) >= checkpoint_epoch(last):
+        log.info("resuming interrupted run %s from %s", run.info.run_id, last)
+        return Child(None, None, run.info.run_id, str(last), logged)
+    for stale in runs:
+        client.set_tag(stale.info.run_id, "reglab.superseded_by_rerun", "true")
+        client.set_terminated(stale.info.run_id, status="KILLED")
+    if ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    return None
 
 
 def child_logger(cfg: DictConfig, child: Child, **mlflow_kwargs):

@@ -88,7 +88,7 @@ def build_logger(cfg: DictConfig, name: str, fp: str, child: "sweep.Child | None
         # and merges the points queued in that second into one SQLite write. Read by MLflow at each wake-up.
         if not os.environ.get("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"):  # unset or empty (MLflow hangs on "")
             os.environ["MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"] = "1"
-    if child is not None:  # a study's child run, new or continued (reglab/sweep.py)
+    if child is not None:  # a study's child run, new or continued, or an interrupted single run (reglab/sweep.py)
         return sweep.child_logger(cfg, child, experiment_name=cfg.logger.experiment, run_name=name, tracking_uri=uri,
                                   artifact_location=artifacts, tags=tags,
                                   log_model=bool(cfg.logger.get("log_model", False)), synchronous=sync)
@@ -125,7 +125,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     name = run_name(cfg)
     ckpt_dir = Path(cfg.paths.checkpoints) / f"{name}-{fp[:12]}"
     # A study job (cfg.study) is a child run of the study's parent: done before -> skipped; interrupted -> resumed.
-    child = sweep.find_child(cfg, fp, ckpt_dir) if cfg.get("study") else None
+    # A single run killed before it ended (still RUNNING in MLflow) is continued from its last checkpoint too.
+    child = sweep.find_child(cfg, fp, ckpt_dir) if cfg.get("study") else \
+        sweep.find_interrupted(cfg, fp, ckpt_dir) if cfg.logger.get("backend") == "mlflow" else None
     if child is not None and child.done_metrics is not None:
         return child.done_metrics
 
