@@ -33,6 +33,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow and not e2e"
 
 ui: install
+	mkdir -p mlruns/artifacts
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts \
