@@ -6,31 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from train_cli import train_cli
+from train_cli import run_study
 
 EPOCHS, PATIENCE = 6, 1
 EXPERIMENT = "early_stopping_test"
 # Overfits within a few epochs: 100 noisy examples, a high learning rate.
 TINY = ["+exp=early_stopping", "hydra/launcher=basic", "seed=0,1", f"trainer.max_epochs={EPOCHS}",
-        f"patience={PATIENCE}", "data.train_size=100", "model.width=128", "optim.lr=0.01",
-        f"logger.experiment={EXPERIMENT}"]
+        f"patience={PATIENCE}", "data.train_size=100", "model.width=128", "optim.lr=0.01"]
 ARM_METRIC = {"final": "test/err", "best": "test/err", "retrain": "early_stopping/test/err",
               "continue": "early_stopping/test/err"}
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, mlflow_uri):
-    from mlflow.tracking import MlflowClient
-
-    root = tmp_path_factory.mktemp("es_study")
-    r = train_cli(*TINY, f"paths.root={root}", f"hydra.sweep.dir={root}/sweep", f"logger.tracking_uri={mlflow_uri}",
-                  cwd=root, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    client = MlflowClient(mlflow_uri)
-    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    [parent] = client.search_runs([exp], "tags.`reglab.role` = 'parent' and tags.study = 'early_stopping'")
-    kids = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    return root / "results" / "early_stopping", client, parent, kids
+    return run_study(tmp_path_factory.mktemp("es_study"), mlflow_uri, EXPERIMENT, "early_stopping", *TINY)
 
 
 def _arm(run) -> str:

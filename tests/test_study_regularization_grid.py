@@ -9,29 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import CONF
-from train_cli import train_cli
+from train_cli import run_study
 
 EXPERIMENT = "regularization_grid_test"
 TINY = ["+exp=regularization_grid", "hydra/launcher=basic", "regularization=[],l2_dropout_bn",
-        "data.train_size=60,120", "seed=0,1", "trainer.max_epochs=2", "model.width=64",
-        f"logger.experiment={EXPERIMENT}"]
+        "data.train_size=60,120", "seed=0,1", "trainer.max_epochs=2", "model.width=64"]
 PRESETS = {"regularization_grid": "regularization", "learning_curve": "data.train_size",
            "regularization_grid_resnet": "regularization"}
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, mlflow_uri):
-    from mlflow.tracking import MlflowClient
-
-    root = tmp_path_factory.mktemp("grid_study")
-    r = train_cli(*TINY, f"paths.root={root}", f"hydra.sweep.dir={root}/sweep", f"logger.tracking_uri={mlflow_uri}",
-                  cwd=root, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    client = MlflowClient(mlflow_uri)
-    exp = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    [parent] = client.search_runs([exp], "tags.`reglab.role` = 'parent' and tags.study = 'regularization_grid'")
-    kids = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    return root / "results" / "regularization_grid", client, parent, kids
+    return run_study(tmp_path_factory.mktemp("grid_study"), mlflow_uri, EXPERIMENT, "regularization_grid", *TINY)
 
 
 @pytest.mark.slow

@@ -27,3 +27,17 @@ def start(*args: str, cwd: Path, **extra_env: str) -> subprocess.Popen:
 def train_cli(*args: str, cwd: Path, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=train_env(**extra_env),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_study(root: Path, tracking_uri: str, experiment: str, study: str, *args: str, timeout: float = 300):
+    """A study sweep through the CLI into `tracking_uri`: (its results folder, MlflowClient, parent run, children)."""
+    from mlflow.tracking import MlflowClient
+
+    r = train_cli(*args, f"paths.root={root}", f"hydra.sweep.dir={root}/sweep", f"logger.tracking_uri={tracking_uri}",
+                  f"logger.experiment={experiment}", cwd=root, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    [parent] = client.search_runs([exp], f"tags.`reglab.role` = 'parent' and tags.study = '{study}'")
+    kids = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return root / "results" / study, client, parent, kids
