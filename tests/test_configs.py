@@ -19,7 +19,7 @@ SHAPES = {"MLP": (1, 8, 8), "ResNet18": (3, 32, 32)}
 def override_for(rel: Path) -> tuple[list[str], bool]:
     group, name = rel.parent.as_posix(), rel.stem
     if group.startswith("hydra/"):
-        return [f"{group.removeprefix('hydra/')}={name}".join(["hydra/", ""])], True
+        return [f"{group}={name}"], True  # e.g. hydra/launcher=local
     if group == "exp":
         return [f"+exp={name}"], False
     if group == "stopping":  # the arms of +exp=early_stopping: a group presets add, not in train.yaml's defaults

@@ -68,10 +68,13 @@ def test_run_lands_in_mlflow_with_metrics_params_and_config(tmp_root, mlflow_uri
     assert any(a.startswith(("best", "last")) for a in artifacts)  # best checkpoint uploaded
 
 
-def test_resnet18_trains_on_digits(tmp_root):
-    metrics = run(compose(quick(tmp_root, "model=resnet18", "model.width=2", "trainer.max_epochs=1",
-                                "data.train_size=256")))
-    assert metrics["model/params"] > 0 and metrics["test/loss"] == pytest.approx(metrics["test/loss"])
+def test_resnet18_learns_digits(tmp_root):
+    from reglab.models import ResNet18
+
+    metrics = run(compose(quick(tmp_root, "model=resnet18", "model.width=4", "trainer.max_epochs=10",
+                                "data.train_size=512", "data.batch_size=64", "callbacks.early_stopping=null")))
+    assert metrics["model/params"] == ResNet18((1, 8, 8), 10, width=4).num_params  # 8x8x1 input, no code change
+    assert metrics["test/acc"] > 0.7  # observed 0.89; chance is 0.1
 
 
 @pytest.mark.parametrize("override,key", [
