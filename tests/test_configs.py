@@ -1,5 +1,6 @@
 """Every config file under conf/ composes and instantiates; parametrized over the files, so a new one is covered."""
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,10 @@ def test_config_composes_and_instantiates(rel, tmp_path):
 
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
-        assert cfg.hydra is not None
+        node = OmegaConf.select(cfg, rel.parent.as_posix().replace("/", "."))  # e.g. hydra.launcher
+        target = node._target_
+        module, cls = target.rsplit(".", 1)
+        assert hasattr(importlib.import_module(module), cls), target  # the plugin it names is installed
         return
     cfg = compose(overrides)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
