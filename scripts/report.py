@@ -29,7 +29,7 @@ def compose(overrides: list[str]):
 
 
 def main(argv: list[str]) -> int:
-    from reglab.sweep import write_report
+    from reglab.runs.study import write_report
 
     try:
         out = write_report(compose(argv))

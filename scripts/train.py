@@ -16,9 +16,8 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 
 def train(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)  # a bad value fails in a second, before Lightning (5 s to import) loads
-    from reglab.train import main as run_config
-
-    return run_config(cfg)
+    cli.quiet_libraries()  # in each job's own process (sweep workers are fresh processes)
+    return cli.runner(cfg)(cfg)
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from reglab.errors import CheckpointError, ConfigError, DivergenceError
@@ -57,7 +58,7 @@ class Classifier(L.LightningModule):
         # would synchronize the device each step); "step" forces every step everywhere.
         self.check_finite = check_finite
         self._sums: dict[str, torch.Tensor] = {}
-        self._pending_log: list[tuple[dict[str, float], int]] = []  # (metrics, epoch) not yet given to the loggers
+        self._pending_log: dict[int, dict[str, float]] = {}  # epoch -> metrics not yet given to the loggers
 
     @property
     def num_params(self) -> int:
@@ -118,17 +119,17 @@ class Classifier(L.LightningModule):
         # are already reduced over ranks; MLFlowLogger.log_metrics writes on rank 0 only.
         metrics["step"] = torch.tensor(float(epoch))  # as self.log("step") would: checkpoints read it
         self.trainer.callback_metrics.update({k: v.detach() for k, v in metrics.items()})
-        self._pending_log.append((values, epoch))
-        if stage != "train":
+        self._pending_log.setdefault(epoch, {}).update(values)
+        if self.trainer.state.fn != TrainerFn.FITTING:  # a test after fit: nothing else comes for this step
             self._write_pending()
-        # The training epoch's points wait until the checkpoint callbacks have run (next epoch's start or the end of
-        # fit), as Lightning's own logging did: reglab.sweep's child logger commits a study's history at train/loss,
-        # and the checkpoint it resumes from must not lag behind that history.
         return {**values, "step": float(epoch)}
 
     def _write_pending(self) -> None:
-        pending, self._pending_log = self._pending_log, []
-        for values, step in pending:
+        # A training epoch's metrics (train, val and, with data.test_every_epoch, test) reach the loggers in one
+        # call, once the epoch's checkpoint callbacks have run (next epoch's start or the end of fit): the run's
+        # history then never holds an epoch that its last.ckpt lacks (reglab/runs/logger.py relies on both).
+        pending, self._pending_log = self._pending_log, {}
+        for step, values in sorted(pending.items()):
             for logger in self.loggers:
                 logger.log_metrics(values, step=step)
 
@@ -175,10 +176,6 @@ class Classifier(L.LightningModule):
             optimizer = self.optimizers(use_pl_optimizer=False)
             for reg in self.regularizers.values():
                 reg.after_step(self.net, optimizer)
-
-    def on_train_start(self) -> None:
-        if self.logger is not None:
-            self.logger.log_metrics({"model/params": float(self.num_params)}, step=0)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

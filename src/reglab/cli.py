@@ -29,6 +29,35 @@ ERROR_FILE = "error.txt"
 FAILED_JOBS: list[str] = []
 
 
+def quiet_libraries() -> None:
+    """Process-wide settings of a training process, made by the CLI (never at import): Lightning's start-up
+    chatter (accelerator lines, a cloud-logger advert) and a deprecation inside Lightning itself bury the lines a
+    researcher needs; MLflow's asynchronous queue otherwise blocks on `queue.get(timeout=1)`, so ending a run (after
+    fit, again after test) waits up to 1 s, while with buffering it sleeps on the stop event (ends at once) and
+    merges the points queued in that second into one write. Idempotent."""
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    if not os.environ.get("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"):  # unset or empty (MLflow hangs on "")
+        os.environ["MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"] = "1"
+
+
+def runner(cfg: Any) -> Callable[[Any], Any]:
+    """The function `runner._target_` names (reglab.train.run, or a study module's run); allowlisted by
+    reglab.config.validate before it is imported."""
+    from hydra.utils import get_method
+
+    from reglab.errors import ConfigError
+
+    target = cfg.runner._target_
+    try:
+        return get_method(target)
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"runner._target_={target!r}: {_first_lines(str(e))}") from None
+
+
 def _options(conf_dir: Path, group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
 

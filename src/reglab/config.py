@@ -61,12 +61,17 @@ def validate(cfg: DictConfig) -> None:
     _validate_paths(cfg)
 
 
+def check_target(key: str, value) -> None:
+    if not (isinstance(value, str) and value.startswith(ALLOWED_TARGETS)):
+        raise ConfigError(f"{key}={value!r} is not allowed: a _target_ must start with {', '.join(ALLOWED_TARGETS)} "
+                          "(extend reglab.config.ALLOWED_TARGETS on purpose)")
+
+
 def _validate_targets(node, key: str = "") -> None:
     if isinstance(node, dict):
         for k, v in node.items():
-            if k == "_target_" and not (isinstance(v, str) and v.startswith(ALLOWED_TARGETS)):
-                raise ConfigError(f"{key}_target_={v!r} is not allowed: a _target_ must start with "
-                                  f"{', '.join(ALLOWED_TARGETS)} (extend reglab.config.ALLOWED_TARGETS on purpose)")
+            if k == "_target_":
+                check_target(f"{key}_target_", v)
             _validate_targets(v, f"{key}{k}.")
     elif isinstance(node, list):
         for i, v in enumerate(node):

@@ -1,4 +1,4 @@
-"""What happens after early stopping: `callbacks.early_stopping.after_stop=none|retrain|continue`.
+"""What happens after early stopping: `stopping.after_stop=none|retrain|continue`.
 
 Lightning's EarlyStopping is the mechanism (the lecture's algorithm: stop after `patience` evaluations without a
 better validation loss; theta* and i* are the best checkpoint and its step). Goodfellow et al., Deep Learning,
@@ -16,14 +16,13 @@ and for retrain/continue the strategy's early_stopping/test/{loss,acc,err} (plus
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from reglab.errors import ConfigError
 
@@ -31,31 +30,26 @@ STRATEGIES = ("none", "retrain", "continue")
 
 
 def strategy(cfg: DictConfig) -> str:
-    node = (cfg.get("callbacks") or {}).get("early_stopping")
-    value = "none" if node is None else node.get("after_stop", "none") or "none"
+    """cfg.stopping.after_stop, checked against the callbacks it needs (without early stopping: none)."""
+    value = (cfg.get("stopping") or {}).get("after_stop") or "none"
     if value not in STRATEGIES:
-        raise ConfigError(f"callbacks.early_stopping.after_stop={value!r} is not one of {', '.join(STRATEGIES)}")
-    checkpoint = cfg.callbacks.get("checkpoint")
-    if value != "none" and checkpoint is None:
-        raise ConfigError(f"callbacks.early_stopping.after_stop={value} reads theta* and i* from the best "
-                          "checkpoint: keep callbacks.checkpoint on")
-    if value != "none" and checkpoint.get("monitor") != node.get("monitor"):
-        raise ConfigError(f"callbacks.early_stopping.after_stop={value}: callbacks.checkpoint.monitor="
-                          f"{checkpoint.get('monitor')!r} must equal callbacks.early_stopping.monitor="
-                          f"{node.get('monitor')!r}")
+        raise ConfigError(f"stopping.after_stop={value!r} is not one of {', '.join(STRATEGIES)}")
+    callbacks = cfg.get("callbacks") or {}
+    node, checkpoint = callbacks.get("early_stopping"), callbacks.get("checkpoint")
+    if value == "none" or node is None:
+        return "none"
+    if checkpoint is None:
+        raise ConfigError(f"stopping.after_stop={value} reads theta* and i* from the best checkpoint: keep "
+                          "callbacks.checkpoint on")
+    if checkpoint.get("monitor") != node.get("monitor"):
+        raise ConfigError(f"stopping.after_stop={value}: callbacks.checkpoint.monitor={checkpoint.get('monitor')!r} "
+                          f"must equal callbacks.early_stopping.monitor={node.get('monitor')!r}")
     return value
-
-
-def mechanism(node: DictConfig) -> DictConfig:
-    """The EarlyStopping node without `after_stop` (Lightning's class does not take it)."""
-    plain = OmegaConf.to_container(node, resolve=True)
-    plain.pop("after_stop", None)
-    return OmegaConf.create(plain)
 
 
 def _best_checkpoint(trainer: L.Trainer, after: str) -> dict[str, Any]:
     es, ckpt = trainer.early_stopping_callback, trainer.checkpoint_callback
-    need = f"callbacks.early_stopping.after_stop={after}"
+    need = f"stopping.after_stop={after}"
     if ckpt is None or not ckpt.best_model_path:
         raise ConfigError(f"{need} reads theta* and i* from the best checkpoint: keep callbacks.checkpoint on")
     if ckpt.monitor != es.monitor:
@@ -100,16 +94,14 @@ class StopBelow(L.Callback):
 
 
 def _phase_trainer(cfg: DictConfig, max_epochs: int, max_steps: int, callbacks: list) -> L.Trainer:
-    # cfg.trainer minus reglab's own `performance` switches (not Trainer arguments; reglab/performance.py)
-    trainer_cfg = OmegaConf.masked_copy(cfg.trainer, [k for k in cfg.trainer if k != "performance"])
-    return instantiate(trainer_cfg, logger=False, callbacks=callbacks, enable_checkpointing=False,
+    return instantiate(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=False,
                        enable_progress_bar=False, max_epochs=max_epochs, max_steps=max_steps,
                        limit_val_batches=0, default_root_dir=None)
 
 
-def after_stop(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, dm, logger,
+def after_stop(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, dm,
                make_module: Callable[[], L.LightningModule]) -> dict[str, float]:
-    """Runs the chosen strategy after fit + test; returns (and logs) the early_stopping/* metrics."""
+    """Runs the chosen strategy after fit + test; returns the early_stopping/* metrics."""
     es = trainer.early_stopping_callback
     after = strategy(cfg)
     if es is None:
@@ -126,7 +118,7 @@ def after_stop(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, d
         if ckpt is None:
             _best_checkpoint(trainer, after)  # raises the explanation
         if len(dm.val_y) == 0:
-            raise ConfigError(f"callbacks.early_stopping.after_stop={after} needs a validation split "
+            raise ConfigError(f"stopping.after_stop={after} needs a validation split "
                               "(data.val_fraction > 0)")
         best_step, best_epochs = int(ckpt["global_step"]), int(ckpt["epoch"]) + 1
         if after == "retrain":
@@ -151,11 +143,4 @@ def after_stop(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, d
         for k, v in phase.callback_metrics.items():
             if k.startswith("test/"):
                 out[f"early_stopping/{k}"] = float(v)
-    if logger is not None and out:
-        # Synchronous: the run has already ended, so an asynchronous queue (logger.synchronous=false) may not flush.
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        logger.experiment.log_batch(logger.run_id, metrics=[Metric(k, v, now, 0) for k, v in out.items()],
-                                    synchronous=True)
     return out

@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Any
@@ -100,9 +99,8 @@ def uses_ddp(cfg: DictConfig) -> bool:
 def refuse_ddp_in_multirun(cfg: DictConfig) -> None:
     if uses_ddp(cfg):
         # Lightning starts DDP ranks by re-running sys.argv, which re-launches the whole sweep (Lightning #11300).
-        print("error: trainer=ddp cannot run inside a multirun (Lightning would re-launch the whole sweep); "
-              "run one configuration at a time, or sweep with trainer=gpu and launcher.jobs_per_gpu", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError("trainer=ddp cannot run inside a multirun (Lightning would re-launch the whole sweep); "
+                          "run one configuration at a time, or sweep with trainer=gpu and launcher.jobs_per_gpu")
 
 
 class JobResources(Callback):
@@ -117,11 +115,7 @@ class JobResources(Callback):
         if hc.mode != RunMode.MULTIRUN:
             return
         refuse_ddp_in_multirun(config)
-        try:
-            assign_gpu(config)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        assign_gpu(config)
         import torch
 
         n_jobs = int(hc.launcher.get("n_jobs") or 1)  # joblib: -1 = all cores, -2 = all but one, ...

@@ -1,11 +1,11 @@
-"""GPU speed settings that are not Lightning Trainer arguments: `trainer.performance` in conf/trainer/*.yaml.
+"""Speed settings that are not Lightning Trainer arguments: the top-level `performance` node of conf/train.yaml.
 
-    channels_last: true            NHWC memory layout for conv nets: tensor-core convolutions without transposes
+    channels_last: auto            NHWC memory layout for conv nets: tensor-core convolutions without transposes
     compile: false                 torch.compile the network (nn.Module.compile: state_dict keys unchanged)
-    float32_matmul_precision: high TF32 for the float32 matmuls left outside bf16 autocast (Ampere and later)
+    float32_matmul_precision: auto TF32 (`high`) for the float32 matmuls left outside bf16 autocast (Ampere and later)
 
-(bf16 autocast and cuDNN autotuning are Trainer arguments: `precision: bf16-mixed`, `benchmark: true`.)
-Off on CPU, where they buy nothing; conf/trainer/gpu.yaml turns on what helps a modern NVIDIA GPU.
+`auto` means on when the trainer runs on a GPU, off on a CPU, where they buy nothing. (bf16 autocast and cuDNN
+autotuning are Trainer arguments: `precision: bf16-mixed`, `benchmark: true` in conf/trainer/gpu.yaml.)
 """
 
 from __future__ import annotations
@@ -13,34 +13,38 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from reglab.errors import ConfigError
 
 KEYS = ("channels_last", "compile", "float32_matmul_precision")
+PRECISIONS = ("auto", "highest", "high", "medium")
 
 
-def trainer_config(trainer_cfg: DictConfig) -> DictConfig:
-    """cfg.trainer without the `performance` node: the arguments of lightning.Trainer."""
-    return OmegaConf.masked_copy(trainer_cfg, [k for k in trainer_cfg if k != "performance"])
-
-
-def settings(trainer_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    perf = dict(trainer_cfg.get("performance") or {})
+def settings(perf_cfg: Mapping[str, Any] | None, on_gpu: bool) -> dict[str, Any]:
+    perf = dict(perf_cfg or {})
     unknown = [k for k in perf if k not in KEYS]
     if unknown:
-        raise ConfigError(f"trainer.performance.{unknown[0]} is not one of {', '.join(KEYS)}")
-    precision = perf.get("float32_matmul_precision") or "highest"
-    if precision not in ("highest", "high", "medium"):
-        raise ConfigError(f"trainer.performance.float32_matmul_precision={precision!r} is not highest, high, medium")
-    return {"channels_last": bool(perf.get("channels_last", False)), "compile": bool(perf.get("compile", False)),
-            "float32_matmul_precision": precision}
+        raise ConfigError(f"performance.{unknown[0]} is not one of {', '.join(KEYS)}")
+    precision = perf.get("float32_matmul_precision") or "auto"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"performance.float32_matmul_precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    channels_last = perf.get("channels_last", "auto")
+    if channels_last not in ("auto", True, False):
+        raise ConfigError(f"performance.channels_last={channels_last!r} is not auto, true or false")
+    return {"channels_last": on_gpu if channels_last == "auto" else channels_last,
+            "compile": bool(perf.get("compile", False)),
+            "float32_matmul_precision": ("high" if on_gpu else "highest") if precision == "auto" else precision}
 
 
-def apply(trainer_cfg: Mapping[str, Any], net: nn.Module) -> nn.Module:
+def on_gpu(trainer_cfg: Mapping[str, Any]) -> bool:
+    accelerator = str(trainer_cfg.get("accelerator", "cpu"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def apply(perf_cfg: Mapping[str, Any] | None, trainer_cfg: Mapping[str, Any], net: nn.Module) -> nn.Module:
     """Set the process-wide matmul precision and prepare `net` in place; returns it."""
-    s = settings(trainer_cfg)
+    s = settings(perf_cfg, on_gpu(trainer_cfg))
     torch.set_float32_matmul_precision(s["float32_matmul_precision"])
     if s["channels_last"] and any(isinstance(m, nn.Conv2d) for m in net.modules()):
         net.to(memory_format=torch.channels_last)  # conv outputs follow the weights' layout

@@ -1,40 +1,48 @@
-"""run(cfg) -> metrics: the whole wiring of one training run, in the order it happens.
+"""run(cfg) -> metrics: one training run, in the order it happens.
 
-data -> model -> regularizers -> Classifier -> logger -> callbacks -> Trainer -> fit -> test. scripts/train.py is a
-thin @hydra.main wrapper around it; tests call it with composed configs.
+look up (done / resume / new: reglab/runs/) -> data -> model, regularizers, Classifier -> logger -> callbacks ->
+Trainer -> fit -> test -> what follows early stopping. scripts/train.py calls the config's `runner` (this `run`
+unless a study preset names another); tests call `run` with composed configs.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-import os
-import pkgutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from reglab import early_stopping, performance, sweep, tracking
+from reglab import early_stopping, performance
 from reglab.classifier import Classifier
 from reglab.config import validate
 from reglab.data import augmentation, device_augment
-from reglab.errors import ConfigError, DivergenceError
+from reglab.errors import ConfigError, DivergenceError, ReglabError
+from reglab.runs import Run, open_run
+from reglab.runs.logger import RunLogger, build_logger
 
-# Lightning's start-up chatter (accelerator lines, a cloud-logger advert) and a deprecation inside Lightning itself
-# bury the lines a researcher needs; warnings from our own code and real Lightning warnings stay.
-logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """instantiate(node, **kwargs) where a wrong argument or value (ValueError, ConfigError, a TypeError about
+    arguments) is the user's: one line naming `key`. Any other exception is a bug and keeps its traceback."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ReglabError):  # names its key already
+            raise cause from None
+        if isinstance(cause, ValueError) or (isinstance(cause, TypeError) and "argument" in str(cause)):
+            raise ConfigError(f"{key}: {str(cause).splitlines()[0]}") from None
+        raise
 
 
 def build_data(cfg: DictConfig):
-    dm = instantiate(cfg.data, seed=cfg.seed)
+    dm = build(cfg.data, "data", seed=cfg.seed)
     # Training-split augmentation from cfg.augmentation (None when its transform list is empty).
     dm.augment = augmentation.for_datamodule(cfg.get("augmentation"), dm, seed=cfg.seed)
     # The same pipeline batched on the device (augmentation.device: auto = when training on CUDA), if it has one.
@@ -45,127 +53,68 @@ def build_data(cfg: DictConfig):
 
 
 def build_model(cfg: DictConfig, input_shape: tuple[int, ...], num_classes: int) -> torch.nn.Module:
-    try:
-        return instantiate(cfg.model, input_shape=tuple(input_shape), num_classes=num_classes)
-    except Exception as e:  # Hydra wraps constructor errors; surface the model's own message
-        cause = e.__cause__ or e
-        raise ConfigError(str(cause).splitlines()[0]) from None
+    return build(cfg.model, "model", input_shape=tuple(input_shape), num_classes=num_classes)
 
 
 def build_regularizers(cfg: DictConfig) -> dict[str, Any]:
-    regs = {}
-    for name, node in (cfg.get("regularization") or {}).items():
-        try:
-            regs[name] = instantiate(node)
-        except Exception as e:
-            cause = e.__cause__ or e
-            raise ConfigError(f"regularization.{name}: {str(cause).splitlines()[0]}") from None
-    return regs
+    return {name: build(node, f"regularization.{name}") for name, node in (cfg.get("regularization") or {}).items()}
 
 
-def run_name(cfg: DictConfig) -> str:
-    if cfg.get("run_name"):
-        return cfg.run_name
-    model = cfg.model._target_.rsplit(".", 1)[-1].lower()
-    return f"{model}-w{cfg.model.get('width', 'x')}-s{cfg.seed}"
-
-
-def build_logger(cfg: DictConfig, name: str, fp: str, child: "sweep.Child | None" = None):
-    if cfg.logger.backend == "none":
-        return None
-    if cfg.logger.backend != "mlflow":
-        raise ConfigError(f"logger.backend={cfg.logger.backend!r} is not one of mlflow, none")
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    uri, artifacts = tracking.resolve_tracking(cfg.logger.get("tracking_uri"), cfg.paths.root)
-    tags = {"fingerprint": fp, **tracking.run_tags(), **(cfg.logger.get("tags") or {})}
-    # synchronous=false: metrics go to the store from MLflow's background thread (a SQLite commit is ~25 ms of
-    # waiting per epoch, as long as a whole epoch of a small model); ending the run flushes the queue.
-    sync = bool(cfg.logger.get("synchronous", False))
-    if not sync:
-        # MLflow's queue thread otherwise blocks on `queue.get(timeout=1)`: ending a run (after fit, again after
-        # test) waits up to 1 s for it to notice. With buffering it sleeps on the stop event instead (ends at once)
-        # and merges the points queued in that second into one SQLite write. Read by MLflow at each wake-up.
-        if not os.environ.get("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"):  # unset or empty (MLflow hangs on "")
-            os.environ["MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"] = "1"
-    if child is not None:  # a study's child run, new or continued, or an interrupted single run (reglab/sweep.py)
-        return sweep.child_logger(cfg, child, experiment_name=cfg.logger.experiment, run_name=name, tracking_uri=uri,
-                                  artifact_location=artifacts, tags=tags,
-                                  log_model=bool(cfg.logger.get("log_model", False)), synchronous=sync)
-    return MLFlowLogger(
-        experiment_name=cfg.logger.experiment,
-        run_name=name,
-        tracking_uri=uri,
-        artifact_location=artifacts,
-        tags=tags,
-        log_model=bool(cfg.logger.get("log_model", False)),
-        run_id=cfg.logger.get("run_id"),
-        synchronous=sync,
-    )
+def build_module(cfg: DictConfig, dm) -> Classifier:
+    net = build_model(cfg, dm.input_shape, dm.num_classes)
+    return Classifier(net, optim=OmegaConf.to_container(cfg.optim, resolve=True), regularizers=build_regularizers(cfg))
 
 
 def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
+    """Every `callbacks.<name>` node with a `_target_` (null removes one). A checkpoint callback writes into the
+    run's own folder; progress bars only on a terminal (none in logs and CI)."""
     callbacks = []
-    for name, node in (cfg.get("callbacks") or {}).items():
+    for node in (cfg.get("callbacks") or {}).values():
         if node is None:
             continue
-        if name == "progress" and not sys.stdout.isatty():
-            continue  # no bar in logs and CI
-        kwargs = {"dirpath": str(ckpt_dir)} if name == "checkpoint" else {}
-        if name == "early_stopping":
-            node = early_stopping.mechanism(node)  # `after_stop` is ours, read after fit
-        callbacks.append(instantiate(node, **kwargs))
+        where = {"dirpath": str(ckpt_dir)} if issubclass(get_class(node._target_), ModelCheckpoint) else {}
+        callback = instantiate(node, **where)
+        if not isinstance(callback, ProgressBar) or sys.stdout.isatty():
+            callbacks.append(callback)
     return callbacks
+
+
+def build_trainer(cfg: DictConfig, run: Run, logger: RunLogger | None) -> L.Trainer:
+    callbacks = build_callbacks(cfg, run.ckpt_dir)
+    # Without a checkpoint callback (callbacks.checkpoint=null) Lightning would add its own, writing every epoch.
+    saves = {"enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks)} \
+        if cfg.trainer.get("enable_checkpointing") is None else {}
+    return instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks, default_root_dir=str(run.ckpt_dir),
+                       enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks), **saves)
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    fp = tracking.fingerprint(cfg)
-    name = run_name(cfg)
-    ckpt_dir = Path(cfg.paths.checkpoints) / f"{name}-{fp[:12]}"
-    # A study job (cfg.study) is a child run of the study's parent: done before -> skipped; interrupted -> resumed.
-    # A single run killed before it ended (still RUNNING in MLflow) is continued from its last checkpoint too.
-    child = sweep.find_child(cfg, fp, ckpt_dir) if cfg.get("study") else \
-        sweep.find_interrupted(cfg, fp, ckpt_dir) if cfg.logger.get("backend") == "mlflow" else None
-    if child is not None and child.done_metrics is not None:
-        return child.done_metrics
+    run = open_run(cfg)
+    if run.done:
+        return run.metrics
+    early_stopping.strategy(cfg)  # a bad stopping.after_stop fails before training
 
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_data(cfg)
     dm.setup()
-    early_stopping.strategy(cfg)  # a bad after_stop fails before training
-
-    def build_module() -> Classifier:
-        net = build_model(cfg, dm.input_shape, dm.num_classes)
-        return Classifier(net, optim=OmegaConf.to_container(cfg.optim, resolve=True),
-                          regularizers=build_regularizers(cfg))
-
-    module = build_module()
-    if child is not None and child.ckpt_path:
-        module.check_checkpoint(child.ckpt_path)  # another model's checkpoint: one line, before MLflow is touched
-
-    logger = build_logger(cfg, name, fp, child)
-    callbacks = build_callbacks(cfg, ckpt_dir)
-    has_progress = any(type(c).__name__ == "RichProgressBar" for c in callbacks)
-    performance.apply(cfg.trainer, module.net)  # channels_last, torch.compile, TF32 (trainer.performance)
-    # Without a checkpoint callback (callbacks.checkpoint=null) Lightning would add its own, writing every epoch.
-    saves = {"enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks)} \
-        if cfg.trainer.get("enable_checkpointing") is None else {}
-    trainer: L.Trainer = instantiate(performance.trainer_config(cfg.trainer), logger=logger or False,
-                                     callbacks=callbacks, enable_progress_bar=has_progress,
-                                     default_root_dir=str(ckpt_dir), **saves)
-    if logger is not None:
-        params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
-        params.update({"model.params": module.num_params, "data.label_noise_realized": dm.label_noise_realized})
-        logger.log_hyperparams(params)
-        logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        logger.log_metrics({"data/label_noise_realized": dm.label_noise_realized}, step=0)
+    module = build_module(cfg, dm)
+    if run.ckpt_path:
+        module.check_checkpoint(run.ckpt_path)  # another model's checkpoint: one line, before MLflow is touched
+    performance.apply(cfg.get("performance"), cfg.trainer, module.net)
+    logger = build_logger(cfg, run)
+    trainer = build_trainer(cfg, run, logger)
+    if logger is not None and run.run_id is None:
+        logger.log_header(cfg, params={"model.params": module.num_params,
+                                       "data.label_noise_realized": dm.label_noise_realized},
+                          metrics={"data/label_noise_realized": dm.label_noise_realized,
+                                   "model/params": float(module.num_params)})
         preview = augmentation.preview_for(cfg.get("augmentation"), dm)
         if preview is not None:
             logger.experiment.log_figure(logger.run_id, preview, "augmentation_preview.png")
 
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=child.ckpt_path if child else None, weights_only=True)
+        trainer.fit(module, datamodule=dm, ckpt_path=run.ckpt_path, weights_only=True)
     except DivergenceError as e:
         if logger is not None:
             logger.experiment.set_tag(logger.run_id, "failure_reason", f"divergence: {e}")
@@ -179,29 +128,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer.test(module, datamodule=dm, ckpt_path="best" if use_best else None, verbose=False, weights_only=True)
     metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}}
     metrics["model/params"] = float(module.num_params)
-    metrics.update(early_stopping.after_stop(cfg, trainer, module, dm, logger, build_module))
+    after = early_stopping.after_stop(cfg, trainer, module, dm, lambda: build_module(cfg, dm))
+    if logger is not None and after:
+        logger.log_after_end(after)
+    metrics.update(after)
     if logger is not None and not cfg.get("study"):  # a study prints where its report is instead
-        print(f"MLflow: run {logger.run_id} ({name}) in experiment '{cfg.logger.experiment}' at "
-              f"{logger._tracking_uri}; open it with `make ui`")
+        print(f"MLflow: run {logger.run_id} ({run.name}) in experiment '{cfg.logger.experiment}' at "
+              f"{logger.tracking_uri}; open it with `make ui`")
     return metrics
-
-
-def study_runners() -> list[str]:
-    """Modules of reglab.studies that define a top-level run(cfg) (others hold only a study's report)."""
-    import reglab.studies
-
-    folder = Path(reglab.studies.__path__[0])
-    return sorted(m.name for m in pkgutil.iter_modules([str(folder)]) if not m.name.startswith("_")
-                  and "\ndef run(" in (folder / f"{m.name}.py").read_text())
-
-
-def main(cfg: DictConfig) -> dict[str, float]:
-    """Entry for scripts/train.py: `runner: train` (default) trains one Classifier; a study preset may name a
-    module of reglab.studies whose run(cfg) does work that is not one Classifier fit (closed forms, many small
-    fits), e.g. `runner: polynomial`."""
-    runner = cfg.get("runner", "train")
-    if runner == "train":
-        return run(cfg)
-    if runner not in study_runners():
-        raise ConfigError(f"runner={runner!r} is not train or one of {', '.join(study_runners())}")
-    return importlib.import_module(f"reglab.studies.{runner}").run(cfg)

@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 from reglab.errors import ConfigError
 from reglab.models.batched_mlp import BatchedMLP
 from reglab.models.polynomial import predict, ridge_lstsq
-from reglab.studies._record import StudyRecorder
+from reglab.runs.study import StudyRecorder
 
 log = logging.getLogger(__name__)
 STUDY = "bias_variance"

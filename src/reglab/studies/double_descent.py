@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reglab.studies._record import parent_config
+from reglab.studies.output import parent_config
 from reglab.errors import ReglabError
 
 INTERPOLATED = 0.01  # "train error ~ 0": at most 1% of the (noisy) training labels not fitted

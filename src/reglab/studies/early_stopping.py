@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reglab.studies._record import parent_config
+from reglab.studies.output import parent_config
 from reglab.errors import ReglabError
-from reglab.studies._record import markdown_table
+from reglab.studies.output import markdown_table
 
 ARMS = {  # arm -> (label, the run's metric that holds its final test error)
     "final": ("no early stopping\n(final weights)", "test/err"),
@@ -36,8 +36,9 @@ AFTER_STOP_ARM = {"none": "best", "retrain": "retrain", "continue": "continue"}
 
 def arm_of(params: dict[str, str]) -> str:
     """The arm of a child run from its logged config: no early-stopping callback = `final`."""
-    after = params.get("callbacks.early_stopping.after_stop")
-    return "final" if after is None else AFTER_STOP_ARM[after]
+    if "callbacks.early_stopping._target_" not in params:
+        return "final"
+    return AFTER_STOP_ARM[params.get("stopping.after_stop") or "none"]
 
 
 def history(client, run_id: str, key: str) -> pd.Series:

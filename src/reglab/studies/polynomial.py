@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from reglab.errors import ConfigError
 from reglab.models.polynomial import (design_matrix, e_rms, fit_gd, lasso_cd, lasso_kkt_violation, predict,
                                       ridge_lstsq)
-from reglab.studies._record import StudyRecorder
+from reglab.runs.study import StudyRecorder
 
 log = logging.getLogger(__name__)
 STUDY = "polynomial"

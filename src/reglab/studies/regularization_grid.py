@@ -26,9 +26,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from reglab.studies._record import parent_config
+from reglab.studies.output import parent_config
 from reglab.errors import ReglabError
-from reglab.studies._record import markdown_table
+from reglab.studies.output import markdown_table
 
 CONF = Path(__file__).resolve().parents[3] / "conf"  # the repository's conf/ (recipe names); optional
 MAIN_SETTING = {  # regularizer -> (its main argument, how the label shows it)

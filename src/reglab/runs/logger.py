@@ -1,0 +1,104 @@
+"""The one way a run writes to MLflow: `RunLogger`, a Lightning MLFlowLogger that
+
+- starts a new run or continues `Run.run_id` (reglab/runs/lookup.py), dropping points at epochs the history
+  already holds, so a resumed run logs every epoch once;
+- writes an epoch's metrics in batches, one request per checkpoint interval (`callbacks.checkpoint.every_n_epochs`;
+  a SQLite commit costs as much as an epoch of a small MLP), each with the tag `reglab.logged_epoch` in the same
+  request, which is what resuming reads;
+- records the run's header (flattened config as params, config.yaml, git commit and package versions) and, after
+  the run ended, the metrics of what follows it (early stopping's after-stop phase).
+
+The Classifier hands over each epoch's metrics in one `log_metrics(metrics, step=epoch)` call, after the epoch's
+checkpoint was written (reglab/classifier.py): so a batch never holds an epoch whose checkpoint is not on disk yet.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from reglab.errors import ConfigError
+from reglab.runs import store
+from reglab.runs.lookup import LOGGED_EPOCH_TAG, Run
+
+MAX_BATCH = 1000  # MLflow takes at most 1,000 metrics per request
+
+
+class RunLogger(MLFlowLogger):
+    def __init__(self, run: Run, flush_every: int = 1, **kwargs: Any):
+        super().__init__(run_id=run.run_id, **kwargs)
+        self.logged_epoch, self.flush_every = run.logged_epoch, max(1, flush_every)
+        self.tracking_uri, self.synchronous = kwargs["tracking_uri"], kwargs.get("synchronous")
+        self._pending: list[tuple[dict[str, float], int]] = []
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        step = 0 if step is None else int(step)
+        if step <= self.logged_epoch:
+            return
+        self._pending.append((metrics, step))
+        if (step + 1) % self.flush_every == 0:
+            self.flush()
+
+    @rank_zero_only
+    def flush(self) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for m, step in pending for k, v in m.items()]
+        last = max(step for _, step in pending)
+        for i in range(0, len(batch), MAX_BATCH):
+            tags = [RunTag(LOGGED_EPOCH_TAG, str(last))] if i + MAX_BATCH >= len(batch) else []
+            self.experiment.log_batch(self.run_id, metrics=batch[i:i + MAX_BATCH], tags=tags,
+                                      synchronous=self.synchronous)
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        self.flush()
+        super().finalize(status)
+
+    @rank_zero_only
+    def log_header(self, cfg: DictConfig, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        """The config (flattened, plus `params`) as MLflow params, config.yaml, and step-0 `metrics`."""
+        self.log_hyperparams({**store.flatten(OmegaConf.to_container(cfg, resolve=True)), **params})
+        self.experiment.log_text(self.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        self.log_metrics(metrics, step=0)
+
+    @rank_zero_only
+    def log_after_end(self, metrics: dict[str, float]) -> None:
+        """Metrics of work done after the run ended (step 0), written at once: the run's queue is closed."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.experiment.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                                  synchronous=True)
+
+
+def build_logger(cfg: DictConfig, run: Run) -> RunLogger | None:
+    backend = cfg.logger.backend
+    if backend == "none":
+        return None
+    if backend != "mlflow":
+        raise ConfigError(f"logger.backend={backend!r} is not one of mlflow, none")
+    uri, artifacts = store.resolve(cfg.logger.get("tracking_uri"), cfg.paths.root)
+    checkpoint = (cfg.get("callbacks") or {}).get("checkpoint") or {}
+    return RunLogger(
+        run,
+        flush_every=int(checkpoint.get("every_n_epochs") or 1),
+        experiment_name=cfg.logger.experiment,
+        run_name=run.name,
+        tracking_uri=uri,
+        artifact_location=artifacts,
+        tags={"fingerprint": run.identity, **store.code_tags(), **(cfg.logger.get("tags") or {}), **run.tags},
+        log_model=bool(cfg.logger.get("log_model", False)),
+        # false: writes go through MLflow's background queue (a SQLite commit is ~25 ms of waiting, as long as an
+        # epoch of a small model); ending the run flushes it.
+        synchronous=bool(cfg.logger.get("synchronous", False)),
+    )

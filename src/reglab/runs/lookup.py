@@ -1,0 +1,107 @@
+"""Done, resume or new: what a run's configuration already has in the store, decided in one place.
+
+`open_run(cfg)` looks the configuration up by its identity (reglab/runs/identity.py) among
+- the children of its study's parent run, when `cfg.study` is set (reglab/runs/study.py opens the parent), or
+- the unfinished single runs (no parent) of its experiment otherwise,
+and returns a `Run`:
+- `done`: a study child that FINISHED before, or failed deterministically (tag `failure_reason`): nothing to do.
+  A FINISHED single run is never looked at: the same command again is a new run.
+- `resume`: an unfinished run (killed, crashed, machine restarted) whose history reaches the epoch of `last.ckpt`
+  in its checkpoint folder: the same MLflow run continues from that checkpoint, and the logger drops the points the
+  history already holds (reglab/runs/logger.py), so every epoch is logged once.
+- `new`: nothing usable. An unfinished run whose history stops before its checkpoint (killed between the two
+  writes) or that has no checkpoint would leave a gap or repeat epochs: it is discarded (a study child deleted, so
+  the parent holds each configuration once; a single run marked KILLED with tag `reglab.superseded_by_rerun`, never
+  deleted) together with its checkpoint folder, and the configuration starts over.
+
+How far a history reaches is the tag `reglab.logged_epoch`, which the logger writes in the same request as the
+epoch's metrics (an MLflow batch is one transaction), so the tag never claims an epoch the store lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from reglab.runs import store
+from reglab.runs.identity import identity
+
+log = logging.getLogger(__name__)
+LOGGED_EPOCH_TAG = "reglab.logged_epoch"  # last epoch whose metrics are all in the store
+
+
+@dataclass
+class Run:
+    identity: str
+    name: str
+    ckpt_dir: Path
+    tracked: bool = False  # logger=mlflow
+    run_id: str | None = None  # the MLflow run to continue or that is done; None: a new one
+    ckpt_path: str | None = None  # resume from this checkpoint
+    logged_epoch: int = -1  # the run's history holds every epoch <= this
+    metrics: dict[str, float] | None = None  # final metrics of a done run
+    tags: dict[str, str] = field(default_factory=dict)  # parent/child tags of a study child
+
+    @property
+    def done(self) -> bool:
+        return self.metrics is not None
+
+
+def run_name(cfg: DictConfig) -> str:
+    if cfg.get("run_name"):
+        return cfg.run_name
+    model = cfg.model._target_.rsplit(".", 1)[-1].lower()
+    return f"{model}-w{cfg.model.get('width', 'x')}-s{cfg.seed}"
+
+
+def checkpoint_epoch(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+
+
+def open_run(cfg: DictConfig) -> Run:
+    ident, name = identity(cfg), run_name(cfg)
+    run = Run(ident, name, Path(cfg.paths.checkpoints) / f"{name}-{ident[:12]}")
+    if cfg.logger.get("backend") != "mlflow":
+        if cfg.get("study"):
+            store.experiment(cfg)  # raises: a study's children and report live in MLflow
+        return run
+    from reglab.runs import study
+
+    run.tracked = True
+    client, exp_id, _ = store.experiment(cfg)
+    if cfg.get("study"):
+        parent = study.parent_id(cfg)
+        run.tags = study.child_tags(parent, cfg.study)
+        found = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}' and tags.fingerprint = '{ident}'",
+                                   order_by=["attributes.start_time DESC"])
+        done = [r for r in found if r.info.status == "FINISHED" or "failure_reason" in r.data.tags]
+        if done:
+            log.info("study %s: %s already done (run %s), skipped", cfg.study, name, done[0].info.run_id)
+            run.run_id, run.metrics = done[0].info.run_id, dict(done[0].data.metrics)
+            return run
+    else:
+        found = [r for r in client.search_runs([exp_id], f"tags.fingerprint = '{ident}' and attributes.status = "
+                                               "'RUNNING'", order_by=["attributes.start_time DESC"])
+                 if "mlflow.parentRunId" not in r.data.tags]
+    last = run.ckpt_dir / "last.ckpt"
+    if found:
+        logged = int(found[0].data.tags.get(LOGGED_EPOCH_TAG, -1))
+        if last.exists() and logged >= checkpoint_epoch(last):
+            log.info("resuming run %s (%s) from %s", found[0].info.run_id, name, last)
+            run.run_id, run.ckpt_path, run.logged_epoch = found[0].info.run_id, str(last), logged
+            found = found[1:]  # only one attempt per configuration continues
+    for stale in found:
+        if cfg.get("study"):
+            client.delete_run(stale.info.run_id)
+        else:
+            client.set_tag(stale.info.run_id, "reglab.superseded_by_rerun", "true")
+            client.set_terminated(stale.info.run_id, status="KILLED")
+    if run.ckpt_path is None and run.ckpt_dir.exists():  # checkpoints of an attempt the store does not continue
+        shutil.rmtree(run.ckpt_dir)
+    return run

@@ -1,0 +1,226 @@
+"""A study in MLflow: one parent run, one child run per configuration, the report at the end.
+
+A config with `study: <name>` (set by a conf/exp/ preset) is a study. Its parent is keyed by the study name and
+`identity(cfg, without=<swept keys>)` (tag `reglab.study_key`), so rerunning the same command, or adding values to
+an axis, reuses it. Two kinds of study share this API:
+- sweeps (Hydra multiruns of reglab.train.run): `StudyCallback.on_multirun_start` opens the parent in the launching
+  process before any job starts (so parallel jobs never race to create it) and hands its id to the jobs in
+  $REGLAB_STUDY_PARENT; each job is a child found by `reglab.runs.lookup.open_run`; `on_multirun_end` writes the
+  report (`report: {_target_: reglab.studies.<module>.report}`) and finishes the parent;
+- runners that compute their study in one process (closed forms, many tiny fits: `runner:` a study module's
+  `run`): `StudyRecorder` opens the same parent and records each result as a child run.
+Reports and tables go to `<paths.results>/<study>/` and to the parent's artifacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from reglab.errors import ConfigError
+from reglab.runs import store
+from reglab.runs.identity import identity, without_hydra
+
+log = logging.getLogger(__name__)
+ENV_PARENT = "REGLAB_STUDY_PARENT"
+
+
+def child_tags(parent_run_id: str, study: str) -> dict[str, str]:
+    return {"mlflow.parentRunId": parent_run_id, "study": study, "reglab.role": "child"}
+
+
+def sweep_axes(hydra_cfg: DictConfig) -> dict[str, str]:
+    """{key: values} of every swept key: the preset's hydra.sweeper.params and comma/range overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    axes = {str(k): str(v) for k, v in (hydra_cfg.sweeper.get("params") or {}).items()}
+    for o in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        if o.is_sweep_override():
+            axes[o.key_or_group] = o.input_line.split("=", 1)[1]
+    return axes
+
+
+def open_parent(cfg: DictConfig, axes: dict[str, str] | None = None) -> str:
+    """Run id of the study's parent, created when new (tags study=<name>, reglab.role=parent, the grid as
+    sweep.<key>, the report's target); its config.yaml is the study's config."""
+    axes = axes or {}
+    client, exp_id, _ = store.experiment(cfg)
+    key = identity(cfg, without=list(axes))  # the study name is matched by its own tag
+    found = client.search_runs([exp_id], f"tags.study = '{cfg.study}' and tags.`reglab.study_key` = '{key}' and "
+                                         "tags.`reglab.role` = 'parent'", max_results=1)
+    if found:
+        parent = found[0].info.run_id
+    else:
+        parent = client.create_run(exp_id, run_name=cfg.study, tags={
+            "study": cfg.study, "reglab.study_key": key, "reglab.role": "parent", **store.code_tags()}).info.run_id
+    for k, values in axes.items():
+        client.set_tag(parent, f"sweep.{k}", values)
+    if cfg.get("report"):
+        client.set_tag(parent, "reglab.report", cfg.report._target_)
+    client.log_text(parent, OmegaConf.to_yaml(without_hydra(cfg), resolve=True), "config.yaml")
+    client.update_run(parent, status="RUNNING")
+    return parent
+
+
+def parent_id(cfg: DictConfig) -> str:
+    """The parent opened by StudyCallback for this sweep, or (a direct reglab.train.run call) one keyed by the
+    preset's axes."""
+    parent = os.environ.get(ENV_PARENT)
+    if parent:
+        return parent
+    from hydra.core.hydra_config import HydraConfig
+
+    return open_parent(cfg, sweep_axes(HydraConfig.get()) if HydraConfig.initialized() else {})
+
+
+def latest_parent(client, exp_id: str, study: str):
+    runs = client.search_runs([exp_id], f"tags.study = '{study}' and tags.`reglab.role` = 'parent'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ConfigError(f"study={study!r}: no parent run in this MLflow store (run the sweep first)")
+    return runs[0]
+
+
+def write_report(cfg: DictConfig, parent_run_id: str | None = None) -> Path:
+    """The study's report (the parent's `reglab.report` target, else cfg.report) for its parent run; files go to
+    <paths.results>/<study>/ and to the parent run's artifacts."""
+    from hydra.utils import get_method
+
+    from reglab.config import check_target
+
+    client, exp_id, _ = store.experiment(cfg)
+    parent = client.get_run(parent_run_id) if parent_run_id else latest_parent(client, exp_id, cfg.study)
+    target = parent.data.tags.get("reglab.report") or (cfg.report._target_ if cfg.get("report") else None)
+    if not target:
+        raise ConfigError(f"study={cfg.study!r} names no report (report: {{_target_: reglab.studies.<module>."
+                          "report}})")
+    check_target("report._target_", target)  # the tag comes from a store that may have been shared
+    out = Path(cfg.paths.results) / cfg.study
+    out.mkdir(parents=True, exist_ok=True)
+    get_method(target)(client, parent, out)
+    client.log_artifacts(parent.info.run_id, str(out))
+    return out
+
+
+class StudyCallback(Callback):
+    """Hydra callback (conf/train.yaml): opens a study's parent before its jobs, reports after them."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from reglab.launcher import refuse_ddp_in_multirun
+
+        refuse_ddp_in_multirun(config)
+        if config.get("study"):
+            os.environ[ENV_PARENT] = open_parent(config, sweep_axes(config.hydra))
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("study") and config.logger.get("backend") == "mlflow":  # one configuration of a study
+            os.environ[ENV_PARENT] = open_parent(config, sweep_axes(config.hydra))
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ.pop(ENV_PARENT, None)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        parent = os.environ.pop(ENV_PARENT, None)
+        if not parent:
+            return
+        client, _, _ = store.experiment(config)
+        try:
+            out = write_report(config, parent)
+            print(f"report: {out}", file=sys.stderr)
+        finally:
+            client.update_run(parent, status="FINISHED")
+
+
+class StudyRecorder:
+    """A runner study's parent and children (same keys and tags as a sweep's), and its results folder
+    `<paths.results>/<study>/`. With logger=none only the folder is written."""
+
+    def __init__(self, cfg: DictConfig, study: str):
+        if study not in cfg:
+            raise ConfigError(f"{study}: missing config node; run the preset with +exp={study}")
+        self.study = study
+        self.dir = Path(cfg.paths.results) / study
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.client = self.parent = None
+        self._children: set[str] = set()
+        backend = cfg.logger.get("backend", "none")
+        if backend not in ("mlflow", "none"):
+            raise ConfigError(f"logger.backend={backend!r} is not one of mlflow, none")
+        if backend == "mlflow":
+            cfg = OmegaConf.merge(cfg, {"study": study})
+            self.client, self.experiment_id, _ = store.experiment(cfg)
+            self.parent = open_parent(cfg)
+            found = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent}'",
+                                            max_results=5000)
+            self._children = {r.data.tags.get("fingerprint") for r in found}
+
+    def child(self, name: str, params: dict[str, Any], metrics: dict[str, float],
+              curves: dict[str, list[tuple[int, float]]] | None = None) -> None:
+        """One child run: params, final metrics, and optional per-step curves {name: [(step, value)]}. A child
+        with the same params under this parent exists already (same study config and seed = same numbers):
+        skipped."""
+        if self.client is None:
+            return
+        key = identity(OmegaConf.create({k: str(v) for k, v in params.items()}))
+        if key in self._children:
+            return
+        from mlflow.entities import Metric, Param
+
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={**child_tags(self.parent, self.study), "fingerprint": key})
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(v)]
+        for k, points in (curves or {}).items():
+            ms += [Metric(k, float(v), now, int(s)) for s, v in points if math.isfinite(v)]
+        ps = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, max(len(ms), 1), 1000):  # log_batch takes at most 1000 metrics
+            self.client.log_batch(run.info.run_id, metrics=ms[i:i + 1000], params=ps if i == 0 else [])
+        self.client.set_terminated(run.info.run_id)
+        self._children.add(key)
+
+    def table(self, df, name: str, floatfmt: str = ".4g") -> Path:
+        from reglab.studies.output import write_table
+
+        return write_table(df, self.dir / name, floatfmt)
+
+    def figure(self, fig, name: str) -> Path:
+        from reglab.studies.output import write_figure
+
+        return write_figure(fig, self.dir / name)
+
+    def finish(self, metrics: dict[str, float], failed: bool = False) -> None:
+        if self.client is None:
+            return
+        for k, v in metrics.items():
+            if math.isfinite(v):
+                self.client.log_metric(self.parent, k, float(v))
+        self.client.log_artifacts(self.parent, str(self.dir))
+        self.client.set_terminated(self.parent, "FAILED" if failed else "FINISHED")
+
+    def run(self, body: Callable[["StudyRecorder"], dict[str, float]], threads: int) -> dict[str, float]:
+        """body(self) -> metrics with torch on `threads` intra-op threads (tiny tensors: more threads only add
+        synchronisation; on a shared 2-core machine they made small steps 10-40x slower, measured), restored
+        afterwards; the parent run is finished (FAILED if body raises) and the wall time recorded."""
+        import torch
+
+        start, before = time.time(), torch.get_num_threads()
+        torch.set_num_threads(int(threads))
+        try:
+            metrics = body(self)
+        except BaseException:
+            self.finish({}, failed=True)
+            raise
+        finally:
+            torch.set_num_threads(before)
+        metrics["study/seconds"] = time.time() - start
+        self.finish(metrics)
+        log.info("%s: results in %s (%.1f s)", self.study, self.dir, metrics["study/seconds"])
+        return metrics
