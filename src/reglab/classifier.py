@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from reglab.population.base import member_losses
 from reglab.errors import CheckpointError, ConfigError, DivergenceError
 from reglab.regularization.base import Regularizer
-from reglab.regularization.penalties import weight_stats
+from reglab.regularization.penalties import is_matrix, tensor_stats, weight_stats
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "step")
@@ -57,8 +58,14 @@ class Classifier(L.LightningModule):
         # NaN/inf check of the loss: every step on CPU (free), at epoch end on accelerators (a per-step check
         # would synchronize the device each step); "step" forces every step everywhere.
         self.check_finite = check_finite
+        # A population (reglab/population/) computes M members in one step: logits (M, B, C), one mean loss per
+        # member, and member m's metrics go to the m-th logger. `failed`: members whose loss became non-finite;
+        # their loss no longer counts, so their gradient is 0 and the others train on.
+        self.members: int | None = getattr(net, "members", None)
+        self.failed: dict[int, str] = {}
+        self.member_metrics: list[dict[str, float]] = [{} for _ in range(self.members or 0)]  # latest, per member
         self._sums: dict[str, torch.Tensor] = {}
-        self._pending_log: dict[int, dict[str, float]] = {}  # epoch -> metrics not yet given to the loggers
+        self._pending_log: dict[int, Any] = {}  # epoch -> metrics (a list of them for a population) to be logged
 
     @property
     def num_params(self) -> int:
@@ -98,7 +105,7 @@ class Classifier(L.LightningModule):
         stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")  # sums over DDP ranks
         sums = dict(zip(keys, stacked))
         n = sums.pop(f"{stage}/n")
-        loss = sums.pop(f"{stage}/loss_sum") / n
+        loss = sums.pop(f"{stage}/loss_sum") / n  # () or, for a population, (M,)
         acc = sums.pop(f"{stage}/correct") / n
         metrics = {f"{stage}/loss": loss, f"{stage}/acc": acc, f"{stage}/err": 1 - acc}
         steps = sums.pop(f"{stage}/steps", None)
@@ -107,22 +114,51 @@ class Classifier(L.LightningModule):
         # A non-finite validation loss means the weights already are (broken by the epoch's last step, whose
         # training loss was still finite): raise before EarlyStopping quietly ends the run as finished and before
         # ModelCheckpoint saves the broken weights.
-        if stage in ("train", "val") and not math.isfinite(loss.item()):
-            raise DivergenceError(f"{stage}/loss is {loss.item()} in epoch {self.current_epoch}; {DIVERGED_FIX}")
-        if stage == "train":
-            metrics.update(weight_stats(self.net))  # params/zero_frac, params/l1, params/l2 of the weights
+        if stage in ("train", "val"):
+            self._check_finite(loss, f"{stage}/loss", f"in epoch {self.current_epoch}")
+        if stage == "train":  # params/zero_frac, params/l1, params/l2 of the weights
+            if self.members is None:
+                metrics.update(weight_stats(self.net))
+            else:
+                stats = [tensor_stats([v for v in self.net.member_state_dict(m).values() if v.dim() >= 2])
+                         for m in range(self.members)]
+                metrics.update({k: torch.stack([st[k] for st in stats]) for k in stats[0]})
         epoch = self.current_epoch
-        values = dict(zip(metrics, torch.stack([v.float() for v in metrics.values()]).tolist()))  # one sync
+        table = torch.stack([v.float() for v in metrics.values()]).tolist()  # one sync; rows: metrics
+        if self.members is None:
+            values: Any = dict(zip(metrics, table))
+            shown = metrics
+        else:
+            values = [dict(zip(metrics, column)) for column in zip(*table)]  # one dict per member
+            for m, v in enumerate(values):
+                self.member_metrics[m].update(v)
+            alive = torch.tensor([m not in self.failed for m in range(self.members)], device=loss.device)
+            shown = {k: v[alive].mean() for k, v in metrics.items()}  # what a progress bar shows
         # Straight to the loggers and to trainer.callback_metrics (what EarlyStopping, ModelCheckpoint and run()
         # read) rather than through self.log_dict: Lightning's result collection moves and resets one torchmetrics
         # object per key and call (~0.3 ms each on CPU, ~5 ms per epoch: a tenth of a digits-MLP epoch). The values
         # are already reduced over ranks; MLFlowLogger.log_metrics writes on rank 0 only.
-        metrics["step"] = torch.tensor(float(epoch))  # as self.log("step") would: checkpoints read it
-        self.trainer.callback_metrics.update({k: v.detach() for k, v in metrics.items()})
-        self._pending_log.setdefault(epoch, {}).update(values)
+        self.trainer.callback_metrics.update({k: v.detach() for k, v in shown.items()})
+        self.trainer.callback_metrics["step"] = torch.tensor(float(epoch))  # as self.log("step"): checkpoints read it
+        if self.members is None:
+            self._pending_log.setdefault(epoch, {}).update(values)
+        else:
+            for m, v in enumerate(self._pending_log.setdefault(epoch, [{} for _ in values])):
+                v.update(values[m])
         if self.trainer.state.fn != TrainerFn.FITTING:  # a test after fit: nothing else comes for this step
             self._write_pending()
-        return {**values, "step": float(epoch)}
+        return values
+
+    def _check_finite(self, loss: torch.Tensor, what: str, where: str) -> None:
+        """A non-finite loss ends a solo run (DivergenceError); in a population it fails that member only."""
+        if self.members is None:
+            if not torch.isfinite(loss):
+                raise DivergenceError(f"{what} is {loss.item()} {where}; {DIVERGED_FIX}")
+            return
+        for m in torch.nonzero(~torch.isfinite(loss)).flatten().tolist():
+            self.failed.setdefault(m, f"{what} is {loss[m].item()} {where}; {DIVERGED_FIX}")
+        if len(self.failed) == self.members:
+            raise DivergenceError(f"every member diverged; first: {self.failed[min(self.failed)]}")
 
     def _write_pending(self) -> None:
         # A training epoch's metrics (train, val and, with data.test_every_epoch, test) reach the loggers in one
@@ -130,8 +166,13 @@ class Classifier(L.LightningModule):
         # history then never holds an epoch that its last.ckpt lacks (reglab/runs/logger.py relies on both).
         pending, self._pending_log = self._pending_log, {}
         for step, values in sorted(pending.items()):
-            for logger in self.loggers:
-                logger.log_metrics(values, step=step)
+            if self.members is None:
+                for logger in self.loggers:
+                    logger.log_metrics(values, step=step)
+                continue
+            for m, logger in enumerate(self.loggers):
+                if m not in self.failed:
+                    logger.log_metrics(values[m], step=step)
 
     def on_train_epoch_start(self) -> None:
         self._write_pending()
@@ -142,9 +183,14 @@ class Classifier(L.LightningModule):
     def _step(self, stage: str, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = self.net(x)
-        loss = F.cross_entropy(logits, y)
-        n = torch.tensor(float(len(y)), device=y.device)
-        correct = (logits.argmax(1) == y).sum().float()
+        if self.members is None:  # (B, C)
+            loss = F.cross_entropy(logits, y)
+            correct = (logits.argmax(-1) == y).sum().float()
+        else:  # (M, B, C); y (M, B), each member's own labels, or (B,), a split all members share
+            y = y.expand(logits.shape[:2]) if y.dim() == 1 else y
+            loss = member_losses(logits, y)
+            correct = (logits.argmax(-1) == y).sum(-1).float()
+        n = torch.full_like(correct, float(y.shape[-1]))
         self._accumulate(stage, {"loss_sum": loss.detach() * n, "correct": correct, "n": n})
         return loss, logits
 
@@ -152,9 +198,15 @@ class Classifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self._step("train", batch)
         if self.check_finite == "step" or (self.check_finite == "auto" and loss.device.type == "cpu"):
-            if not torch.isfinite(loss):
-                raise DivergenceError(f"train/loss is {loss.item()} at epoch {self.current_epoch}, "
-                                      f"step {self.global_step}; {DIVERGED_FIX}")
+            self._check_finite(loss, "train/loss", f"at epoch {self.current_epoch}, step {self.global_step}")
+        if self.members is not None:
+            # The sum of the members' mean losses: d(sum)/d(theta_m) = dL_m/d(theta_m), so each member gets exactly
+            # its own gradient (and, under SGD/Adam/AdamW, which are elementwise, its own update).
+            if self.failed:
+                alive = torch.ones_like(loss, dtype=torch.bool)
+                alive[list(self.failed)] = False
+                loss = torch.where(alive, loss, torch.zeros_like(loss))
+            loss = loss.sum()
         total = loss
         penalties = {}
         for name, reg in self.regularizers.items():
@@ -208,8 +260,8 @@ class Classifier(L.LightningModule):
         # or normalization gains/shifts, whose shrinkage only limits what the layer can represent.
         params = [p for p in self.net.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in params if is_matrix(p, self.net)], "weight_decay": decay},
+            {"params": [p for p in params if not is_matrix(p, self.net)], "weight_decay": 0.0},
         ]
         optimizer = build_optimizer([g for g in groups if g["params"]], **cfg)
         if scheduler == "none":

@@ -51,6 +51,10 @@ def runner(cfg: Any) -> Callable[[Any], Any]:
 
     from reglab.errors import ConfigError
 
+    if cfg.get("population") and cfg.population.get("members"):  # a population job (reglab/population/sweeper.py)
+        from reglab.population.train import run
+
+        return run
     target = cfg.runner._target_
     try:
         return get_method(target)

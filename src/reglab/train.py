@@ -38,7 +38,11 @@ def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
             raise cause from None
         if isinstance(cause, ValueError) or (isinstance(cause, TypeError) and "argument" in str(cause)):
             raise ConfigError(f"{key}: {str(cause).splitlines()[0]}") from None
-        raise
+        if cause is None or isinstance(cause, ImportError):  # a _target_ that names nothing: Hydra's line says so
+            raise
+        # A bug in the constructor: its own exception and traceback. Hydra's wrapper is a HydraException, which
+        # reglab.cli would print as a one-line user error.
+        raise cause from None
 
 
 def build_data(cfg: DictConfig):
@@ -117,7 +121,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(module, datamodule=dm, ckpt_path=run.ckpt_path, weights_only=True)
     except DivergenceError as e:
         if logger is not None:
-            logger.experiment.set_tag(logger.run_id, "failure_reason", f"divergence: {e}")
+            logger.fail(f"divergence: {e}")
             logger.finalize("failed")
         raise
     # With early stopping the model to report is the best checkpoint (the lecture's theta*); otherwise the final

@@ -7,6 +7,8 @@ run seed); the package already standardizes them to zero mean and unit variance.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -24,21 +26,29 @@ class MNIST1DDataModule(InMemoryDataModule):
         self.train_samples, self.test_samples, self.data_seed = train_samples, test_samples, data_seed
 
     def load(self) -> Arrays:
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        args = get_dataset_args()
-        total = self.train_samples + self.test_samples
-        # make_dataset makes num_samples // 10 per class; round up so both splits are full.
-        args.num_samples = -(-total // 10) * 10
-        args.train_split = self.train_samples / args.num_samples
-        args.seed = self.data_seed
-        state = np.random.get_state()  # the generator reseeds numpy's global RNG; leave the caller's alone
-        try:
-            d = make_dataset(args)
-        finally:
-            np.random.set_state(state)
-        x = torch.tensor(d["x"], dtype=torch.float32)
-        xt = torch.tensor(d["x_test"], dtype=torch.float32)[: self.test_samples]
-        y = torch.tensor(d["y"], dtype=torch.long)
-        yt = torch.tensor(d["y_test"], dtype=torch.long)[: self.test_samples]
+        x, y, xt, yt = generate(self.train_samples, self.test_samples, self.data_seed)
         return Arrays(x, y, xt, yt, 10)
+
+
+@functools.lru_cache(maxsize=2)
+def generate(train_samples: int, test_samples: int, data_seed: int) -> tuple[torch.Tensor, ...]:
+    """(x, y, x_test, y_test), once per process: generating 14,000 signals takes ~7 s of scipy interpolation, and a
+    sweep worker or a population builds the same set for every member (the run seed does not enter it)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    total = train_samples + test_samples
+    # make_dataset makes num_samples // 10 per class; round up so both splits are full.
+    args.num_samples = -(-total // 10) * 10
+    args.train_split = train_samples / args.num_samples
+    args.seed = data_seed
+    state = np.random.get_state()  # the generator reseeds numpy's global RNG; leave the caller's alone
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    x = torch.tensor(d["x"], dtype=torch.float32)
+    xt = torch.tensor(d["x_test"], dtype=torch.float32)[:test_samples]
+    y = torch.tensor(d["y"], dtype=torch.long)
+    yt = torch.tensor(d["y_test"], dtype=torch.long)[:test_samples]
+    return x, y, xt, yt

@@ -18,9 +18,15 @@ from reglab.errors import ConfigError
 from reglab.regularization.base import Regularizer
 
 
+def is_matrix(p: torch.Tensor, net: nn.Module) -> bool:
+    """A weight matrix or conv kernel (>= 2 dims), not a bias or norm gain/shift. A population's tensors carry the
+    member as one more leading dim (`member_dims`, reglab/population/base.py), which does not count."""
+    return p.dim() - getattr(net, "member_dims", 0) >= 2
+
+
 def penalized_parameters(net: nn.Module, include_bias: bool = False) -> list[nn.Parameter]:
-    """Trainable tensors with >= 2 dims; also the 1-dim ones (biases, norm gamma/beta) when include_bias."""
-    return [p for p in net.parameters() if p.requires_grad and (include_bias or p.dim() >= 2)]
+    """Trainable weight matrices and kernels; also biases and norm gamma/beta when include_bias."""
+    return [p for p in net.parameters() if p.requires_grad and (include_bias or is_matrix(p, net))]
 
 
 def soft_threshold(w: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
@@ -31,7 +37,11 @@ def soft_threshold(w: torch.Tensor, threshold: float | torch.Tensor) -> torch.Te
 def weight_stats(net: nn.Module) -> dict[str, torch.Tensor]:
     """`params/zero_frac` (fraction of exactly-zero weights), `params/l1` = ||W||_1, `params/l2` = ||W||_2 over the
     penalized tensors (dims >= 2), as 0-dim tensors on the parameters' device (no sync here)."""
-    params = [p.detach() for p in penalized_parameters(net)]
+    return tensor_stats([p.detach() for p in penalized_parameters(net)])
+
+
+def tensor_stats(params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """weight_stats of given tensors (a population member's matrices, from its state dict)."""
     if not params:
         return {}
     zeros = sum((p == 0).sum() for p in params)

@@ -34,6 +34,7 @@ class RunLogger(MLFlowLogger):
         self.logged_epoch, self.flush_every = run.logged_epoch, max(1, flush_every)
         self.tracking_uri, self.synchronous = kwargs["tracking_uri"], kwargs.get("synchronous")
         self._pending: list[tuple[dict[str, float], int]] = []
+        self._failed = False
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -60,16 +61,25 @@ class RunLogger(MLFlowLogger):
                                       synchronous=self.synchronous)
 
     @rank_zero_only
+    def fail(self, reason: str) -> None:
+        """Tag the run with `failure_reason` (a study treats it as done: a rerun would fail the same way); it ends
+        FAILED whatever status Lightning finalizes it with."""
+        self.experiment.set_tag(self.run_id, "failure_reason", reason)
+        self._failed = True
+
+    @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         self.flush()
-        super().finalize(status)
+        super().finalize("failed" if self._failed else status)
 
     @rank_zero_only
     def log_header(self, cfg: DictConfig, params: dict[str, Any], metrics: dict[str, float]) -> None:
-        """The config (flattened, plus `params`) as MLflow params, config.yaml, and step-0 `metrics`."""
+        """The config (flattened, plus `params`) as MLflow params, config.yaml, and step-0 `metrics`. Those go in
+        epoch 0's batch: written alone, their batch's reglab.logged_epoch tag would claim epoch 0 before it was
+        trained, and a kill after its checkpoint would resume without ever logging it."""
         self.log_hyperparams({**store.flatten(OmegaConf.to_container(cfg, resolve=True)), **params})
         self.experiment.log_text(self.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        self.log_metrics(metrics, step=0)
+        self._pending.append((dict(metrics), 0))
 
     @rank_zero_only
     def log_after_end(self, metrics: dict[str, float]) -> None:

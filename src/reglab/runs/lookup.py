@@ -45,6 +45,8 @@ class Run:
     logged_epoch: int = -1  # the run's history holds every epoch <= this
     metrics: dict[str, float] | None = None  # final metrics of a done run
     tags: dict[str, str] = field(default_factory=dict)  # parent/child tags of a study child
+    in_study: bool = False
+    stale: list[str] = field(default_factory=list)  # run ids of attempts that will not continue
 
     @property
     def done(self) -> bool:
@@ -64,7 +66,9 @@ def checkpoint_epoch(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
 
 
-def open_run(cfg: DictConfig) -> Run:
+def find_run(cfg: DictConfig, last: Path | None = None) -> Run:
+    """The lookup alone, nothing changed: `Run.stale` lists the attempts `discard` will remove. `last` is the
+    checkpoint a resume would load (default: last.ckpt in the run's own folder; a population's is shared)."""
     ident, name = identity(cfg), run_name(cfg)
     run = Run(ident, name, Path(cfg.paths.checkpoints) / f"{name}-{ident[:12]}")
     if cfg.logger.get("backend") != "mlflow":
@@ -73,35 +77,56 @@ def open_run(cfg: DictConfig) -> Run:
         return run
     from reglab.runs import study
 
-    run.tracked = True
+    run.tracked, run.in_study = True, bool(cfg.get("study"))
     client, exp_id, _ = store.experiment(cfg)
-    if cfg.get("study"):
+    if run.in_study:
         parent = study.parent_id(cfg)
         run.tags = study.child_tags(parent, cfg.study)
-        found = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}' and tags.fingerprint = '{ident}'",
-                                   order_by=["attributes.start_time DESC"])
+        found = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}' and tags.fingerprint = "
+                                   f"'{ident}'", order_by=["attributes.start_time DESC"])
         done = [r for r in found if r.info.status == "FINISHED" or "failure_reason" in r.data.tags]
         if done:
-            log.info("study %s: %s already done (run %s), skipped", cfg.study, name, done[0].info.run_id)
             run.run_id, run.metrics = done[0].info.run_id, dict(done[0].data.metrics)
             return run
     else:
         found = [r for r in client.search_runs([exp_id], f"tags.fingerprint = '{ident}' and attributes.status = "
                                                "'RUNNING'", order_by=["attributes.start_time DESC"])
                  if "mlflow.parentRunId" not in r.data.tags]
-    last = run.ckpt_dir / "last.ckpt"
+    last = last or run.ckpt_dir / "last.ckpt"
     if found:
         logged = int(found[0].data.tags.get(LOGGED_EPOCH_TAG, -1))
         if last.exists() and logged >= checkpoint_epoch(last):
-            log.info("resuming run %s (%s) from %s", found[0].info.run_id, name, last)
             run.run_id, run.ckpt_path, run.logged_epoch = found[0].info.run_id, str(last), logged
             found = found[1:]  # only one attempt per configuration continues
-    for stale in found:
-        if cfg.get("study"):
-            client.delete_run(stale.info.run_id)
-        else:
-            client.set_tag(stale.info.run_id, "reglab.superseded_by_rerun", "true")
-            client.set_terminated(stale.info.run_id, status="KILLED")
-    if run.ckpt_path is None and run.ckpt_dir.exists():  # checkpoints of an attempt the store does not continue
+    run.stale = [r.info.run_id for r in found]
+    return run
+
+
+def discard(cfg: DictConfig, run: Run, restart: bool = False) -> None:
+    """Remove `run.stale` (and, with `restart`, the attempt `run` would have continued) from the store: a study
+    child is deleted, so the parent holds each configuration once; a single run is marked KILLED with tag
+    reglab.superseded_by_rerun, never deleted. Without a resume, the run's checkpoint folder goes too."""
+    if restart and run.ckpt_path is not None:
+        run.stale.append(run.run_id)
+        run.run_id, run.ckpt_path, run.logged_epoch = None, None, -1
+    if run.stale:
+        client, _, _ = store.experiment(cfg)
+        for run_id in run.stale:
+            if run.in_study:
+                client.delete_run(run_id)
+            else:
+                client.set_tag(run_id, "reglab.superseded_by_rerun", "true")
+                client.set_terminated(run_id, status="KILLED")
+        run.stale = []
+    if run.ckpt_path is None and not run.done and run.ckpt_dir.exists():  # an attempt the store does not continue
         shutil.rmtree(run.ckpt_dir)
+
+
+def open_run(cfg: DictConfig) -> Run:
+    run = find_run(cfg)
+    if run.done:
+        log.info("%s already done (run %s), skipped", run.name, run.run_id)
+    elif run.ckpt_path:
+        log.info("resuming run %s (%s) from %s", run.run_id, run.name, run.ckpt_path)
+    discard(cfg, run)
     return run

@@ -1,0 +1,181 @@
+"""What PopulationMLP and PopulationResNet18 share: stacked layers and the member <-> solo state mapping.
+
+Layout (the contract the training step relies on): every parameter and buffer of a fused module is
+(G, *solo_shape), member first, G = members in that fused group, in the solo orientation (a Linear weight is
+(G, out, in)). So `tensor[i]` is member i's own tensor, a penalty or weight-decay rule on solo tensors with
+>= 2 dims becomes `p.dim() - member_dims >= 2`, and a fused module's state_dict keys are the solo net's.
+
+Why it is exact: members share no parameter and the loss is a sum of per-member losses, so
+d(sum_k L_k)/d(theta_m) = dL_m/d(theta_m) and elementwise optimizers (SGD, Adam, AdamW) update each member as if
+it trained alone. Only float summation order inside the batched kernels differs (~1e-6 relative).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reglab.regularization.dropout import ClassicDropout, DropConnectLinear, GaussianDropout, InvertedDropout
+
+# Parameter-free modules that act on each element alone: on a stacked (G, B, W) or grouped (B, G*C, ...)
+# activation every element, hence every member, draws its own noise.
+ELEMENTWISE = (nn.Identity, nn.Dropout, ClassicDropout, InvertedDropout, GaussianDropout)
+LINEARS = (nn.Linear, DropConnectLinear)
+
+
+def stack_members(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([t.detach() for t in tensors])
+
+
+class StackedLinear(nn.Module):
+    """G Linear (or DropConnectLinear) layers: (G, B, in) -> (G, B, out). weight (G, out, in), bias (G, out)."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        self.weight = nn.Parameter(stack_members([lin.weight for lin in linears]))
+        self.bias = nn.Parameter(stack_members([lin.bias for lin in linears])) if linears[0].bias is not None else None
+        self.keep_prob = getattr(linears[0], "keep_prob", None)  # DropConnect (Wan et al. 2013), else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if self.keep_prob is not None:
+            # DropConnectLinear's semantics per member: one Bernoulli(p) mask per step over each member's own
+            # (out, in) weight; evaluation uses the mean network p * W; the bias is never masked.
+            if not self.training:
+                w = w * self.keep_prob
+            elif self.keep_prob < 1.0:
+                w = w * torch.empty_like(w).bernoulli_(self.keep_prob)
+        if x.dim() == 2:
+            # One (B, in) batch read by all members: a single (B, in) @ (in, G*out) product, x is not copied.
+            G, out, fan_in = w.shape
+            y = F.linear(x, w.reshape(G * out, fan_in), None if b is None else b.reshape(-1))
+            return y.view(len(x), G, out).transpose(0, 1)
+        # Computed transposed, y^T = b + W x^T (G, out, B): the weight gradient dy^T x then comes out (G, out, in),
+        # the parameter's own layout, instead of a transposed view that autograd copies into place each step.
+        xt = x.transpose(1, 2)
+        yt = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)
+        return yt.transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        G, out, fan_in = self.weight.shape
+        dc = "" if self.keep_prob is None else f", keep_prob={self.keep_prob:g}"
+        return f"members={G}, in_features={fan_in}, out_features={out}, bias={self.bias is not None}{dc}"
+
+
+class StackedBatchNorm(nn.Module):
+    """G BatchNorms on (N, G*C, *): channel block g belongs to member g (Ioffe & Szegedy 2015). Batch statistics
+    and running statistics are per channel, hence each member's own, in training and in evaluation.
+    weight, bias, running_mean, running_var (G, C); num_batches_tracked (G,)."""
+
+    def __init__(self, norms: list[nn.BatchNorm1d | nn.BatchNorm2d]):
+        super().__init__()
+        self.eps, self.momentum = norms[0].eps, norms[0].momentum
+        self.weight = nn.Parameter(stack_members([n.weight for n in norms]))
+        self.bias = nn.Parameter(stack_members([n.bias for n in norms]))
+        self.register_buffer("running_mean", stack_members([n.running_mean for n in norms]))
+        self.register_buffer("running_var", stack_members([n.running_var for n in norms]))
+        self.register_buffer("num_batches_tracked", stack_members([n.num_batches_tracked for n in norms]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        # view(-1) shares storage, so F.batch_norm's in-place running-stat update lands in the (G, C) buffers.
+        return F.batch_norm(x, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
+                            self.bias.view(-1), self.training, self.momentum, self.eps)
+
+    def extra_repr(self) -> str:
+        G, C = self.weight.shape
+        return f"members={G}, num_features={C}, eps={self.eps:g}, momentum={self.momentum:g}"
+
+
+def member_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(M, B, C) logits, (M, B) labels -> (M,) each member's mean cross-entropy; their sum is the loss to
+    backpropagate (each member then gets exactly its own gradient)."""
+    # Classes on dim 1: on a CPU, log_softmax over a last dim of 10 classes measured ~8x slower than over dim 1.
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+
+
+# --- what must agree between members -------------------------------------------------------------------------
+def describe(module: nn.Module) -> str:
+    """A slot's identity as far as fusing goes: type and keep_prob (a Linear's size may differ by width)."""
+    if isinstance(module, nn.Linear):
+        keep = getattr(module, "keep_prob", None)
+        args = ([] if keep is None else [f"keep_prob={keep:g}"]) + ([] if module.bias is not None else ["bias=False"])
+        return type(module).__name__ + (f"({', '.join(args)})" if args else "")
+    return repr(module)
+
+
+def norm_settings(module: nn.Module) -> str:
+    """A norm layer's settings apart from its size; only the standard ones (affine, running stats) fuse."""
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if not (module.affine and module.track_running_stats) or module.momentum is None:
+            return f"nonstandard {module!r}"
+        return f"eps={module.eps:g}, momentum={module.momentum:g}"
+    if isinstance(module, nn.LayerNorm):
+        if not module.elementwise_affine or module.bias is None:
+            return f"nonstandard {module!r}"
+        return f"eps={module.eps:g}"
+    return ""
+
+
+def first_difference(signatures: list[dict[str, object]]) -> str | None:
+    """The first field (in insertion order) where a member differs from member 0, as a reason."""
+    first = signatures[0]
+    for m, sig in enumerate(signatures[1:], 1):
+        for key, value in first.items():
+            if sig.get(key) != value:
+                return f"member {m} has {key}={sig.get(key)}, member 0 has {value}: they cannot be fused"
+    return None
+
+
+def slot_reason(slots: dict[str, nn.Module], allowed: tuple[type, ...]) -> str | None:
+    for name, module in slots.items():
+        if type(module) not in allowed:
+            return f"{name}={describe(module)} cannot be fused"
+    return None
+
+
+# --- the population surface ------------------------------------------------------------------------------------
+class Population(nn.Module):
+    """M solo nets fused; forward(x) -> (M, B, classes). Subclasses say where member m lives (`_locate`)."""
+
+    member_dims = 1  # every parameter and buffer is (G, *solo_shape)
+
+    def __init__(self, nets: list[nn.Module]):
+        super().__init__()
+        self.members = len(nets)
+        # The solo modules, not registered (their tensors are not this module's state): member_nets() copies the
+        # current weights back into them.
+        self._nets = list(nets)
+
+    def _locate(self, m: int) -> tuple[nn.Module, int]:
+        """(fused module whose state_dict keys are the solo net's, member m's index in its tensors), 0 <= m < M."""
+        raise NotImplementedError
+
+    def _member(self, m: int) -> tuple[nn.Module, int]:
+        if not -self.members <= m < self.members:
+            raise IndexError(f"member {m} out of range: the population has {self.members}")
+        return self._locate(m % self.members)
+
+    def member_state_dict(self, m: int) -> dict[str, torch.Tensor]:
+        module, i = self._member(m)
+        return {k: v[i].clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def load_member_state_dict(self, m: int, state: dict[str, torch.Tensor]) -> None:
+        module, i = self._member(m)
+        own = module.state_dict()  # detached tensors sharing storage with the parameters and buffers
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        if missing or unexpected:
+            raise KeyError(f"member {m} state dict: missing keys {missing}, unexpected keys {unexpected}")
+        for key, value in own.items():
+            if value[i].shape != state[key].shape:
+                raise ValueError(f"member {m} state dict: {key} has shape {tuple(state[key].shape)}, "
+                                 f"the member's is {tuple(value[i].shape)}")
+            value[i].copy_(state[key])
+
+    def member_nets(self) -> list[nn.Module]:
+        for m, net in enumerate(self._nets):
+            net.load_state_dict(self.member_state_dict(m))
+        return list(self._nets)

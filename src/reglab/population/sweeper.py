@@ -1,0 +1,116 @@
+"""Which members of a sweep share a training step: how a grid becomes population jobs.
+
+The Hydra sweeper `hydra_plugins.reglab_population.population_sweeper.PopulationSweeper` is Hydra's basic sweeper
+(the grid; the launcher, joblib, GPU slots or SLURM, places the jobs as before) with `plan` added when
+`population.mode` is auto or on: the grid's configurations are grouped
+by `identity(cfg, without=MEMBER_KEYS)` (equal but for seed, label noise and, for MLPs, width), each group is split
+into `population.jobs` populations of about equal cost (auto: as many as the launcher runs at once, so every worker
+has one), and each population is launched as one job whose `population.members` lists its members' overrides
+(reglab/population/train.py trains it). Configurations alone in their group, or that cannot share a step
+(`why_not`), stay jobs of their own. With `population.mode=off` it is the basic sweeper.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+MEMBER_KEYS = ("seed", "data.label_noise", "model.width")  # plain values that leave a step's shapes alone
+# The regularizers that only put modules into the model's slots (dropout family): the fused model carries them.
+SLOT_REGULARIZERS = ("reglab.regularization.dropout.",)
+
+
+def why_not(cfg: DictConfig) -> str | None:
+    """What in a member's config (not its model, which reglab.population.fusable checks) keeps it from sharing a
+    step with others, or None."""
+    callbacks = cfg.get("callbacks") or {}
+    if callbacks.get("early_stopping") is not None:
+        return "early stopping ends each member at its own epoch"
+    acting = sorted(name for name, node in (cfg.get("regularization") or {}).items()
+                    if not str(node.get("_target_", "")).startswith(SLOT_REGULARIZERS))
+    if acting:
+        return f"regularization {acting} acts on the training step (only the dropout family is fused)"
+    t = cfg.trainer
+    if t.get("gradient_clip_val") or (t.get("accumulate_grad_batches") or 1) != 1:
+        return "gradient clipping / accumulation couple the members"
+    if str(t.get("strategy") or "").startswith("ddp") or t.get("devices", 1) not in (1, "1", "auto"):
+        return "a population trains on one device"
+    return None
+
+
+def member_keys(cfg: DictConfig) -> tuple[str, ...]:
+    # ResNet18 members of other widths would need other kernels: only equal widths are stacked (groups = members).
+    if str(cfg.model.get("_target_", "")).endswith("MLP"):
+        return MEMBER_KEYS
+    return tuple(k for k in MEMBER_KEYS if k != "model.width")
+
+
+def cost(cfg: DictConfig) -> float:
+    """Relative cost of one member's step: its multiply-adds, as width^2 per hidden layer (MLP) or width^2 for a
+    conv net; enough to balance populations between workers."""
+    width = float(cfg.model.get("width") or 1)
+    return width * width * max(int(cfg.model.get("depth") or 1), 1) + 100.0 * width
+
+
+def split(members: list[int], costs: list[float], widths: list[Any], parts: int) -> list[list[int]]:
+    """Longest processing time first, over units of equal width (a width's seeds stay together: stacked, they
+    cost little more than one), into `parts` bins of about equal summed cost; empty bins are dropped."""
+    units: dict[Any, list[int]] = {}
+    for i in members:
+        units.setdefault(widths[i], []).append(i)
+    bins: list[list[int]] = [[] for _ in range(max(1, parts))]
+    load = [0.0] * len(bins)
+    for unit in sorted(units.values(), key=lambda u: -sum(costs[i] for i in u)):
+        b = load.index(min(load))
+        bins[b] += unit
+        load[b] += sum(costs[i] for i in unit)
+    return [b for b in bins if b]
+
+
+def plan(config: DictConfig, loader, jobs: list[list[str]], swept: set[str]) -> list[list[str]]:
+    """The sweep's jobs (override lists) with the members of each population merged into one job."""
+    from reglab.runs.identity import identity
+
+    cfgs = [loader.load_sweep_config(config, job) for job in jobs]
+    groups: dict[str, list[int]] = {}
+    alone: list[int] = []
+    for i, cfg in enumerate(cfgs):
+        if why_not(cfg) is None:
+            groups.setdefault(identity(cfg, without=member_keys(cfg)), []).append(i)
+        else:
+            alone.append(i)
+    parts = parallel_jobs(config)
+    out = [jobs[i] for i in alone]
+    costs = [cost(c) for c in cfgs]
+    widths = [c.model.get("width") for c in cfgs]
+    for members in groups.values():
+        if len(members) == 1:
+            out.append(jobs[members[0]])
+            continue
+        keys = set(member_keys(cfgs[members[0]])) & swept
+        for part in split(members, costs, widths, parts):
+            common = [o for o in jobs[part[0]] if _key(o) not in keys]
+            listed = ",".join("'" + " ".join(o for o in jobs[i] if _key(o) in keys) + "'" for i in part)
+            out.append([*common, f"population.members=[{listed}]"])
+    log.info("population: %d configurations in %d jobs", len(jobs), len(out))
+    return out
+
+
+def parallel_jobs(config: DictConfig) -> int:
+    """population.jobs, or (auto) the launcher's jobs at once: joblib's n_jobs (-1 = all cores), else 1."""
+    setting = OmegaConf.select(config, "population.jobs", default="auto")
+    if setting != "auto":
+        return max(1, int(setting))
+    n = OmegaConf.select(config, "hydra.launcher.n_jobs", default=None)
+    if n is None:
+        return 1
+    n = int(n)
+    return n if n > 0 else max(1, (os.cpu_count() or 1) + 1 + n)
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")

@@ -1,0 +1,147 @@
+"""run(cfg) for a population job: the sweep members listed in `cfg.population.members`, trained as one fused model.
+
+Each member is the configuration its solo job would run (cfg with its overrides applied), with the same identity,
+child run, params, per-epoch metrics and final test metrics: a study's report cannot tell the difference. The order
+is train.run's, per member where a member has its own:
+
+look up every member (done ones drop out) -> per member: seed, data, model -> fuse -> one Classifier over the
+population -> one RunLogger per member -> Trainer (a checkpoint of the whole population) -> fit -> test -> each
+member's weights into its own checkpoint folder.
+
+Resume: the population's `last.ckpt` lives in a folder named by the members' identities; a rerun continues it when
+every unfinished member's run reaches its epoch (reglab/runs/lookup.py's rule), else all of them start over.
+Members that cannot be fused (and `population.mode=auto`) are trained one after another by reglab.train.run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from reglab import performance, train
+from reglab.checkpoint import Checkpoint
+from reglab.classifier import Classifier
+from reglab.config import validate
+from reglab.errors import ConfigError, DivergenceError
+from reglab.population import fusable, fuse
+from reglab.population.data import PopulationDataModule
+from reglab.population.sweeper import why_not
+from reglab.runs.identity import identity, without_hydra
+from reglab.runs.logger import build_logger
+from reglab.runs.lookup import discard, find_run
+
+
+def member_configs(cfg: DictConfig) -> list[DictConfig]:
+    """One config per `population.members` entry ("key=value key=value"), as its solo job composes it."""
+    parser = OverridesParser.create()
+    base = OmegaConf.to_container(without_hydra(cfg), resolve=False)
+    base["population"]["members"] = []
+    out = []
+    for member in cfg.population.members:
+        c = OmegaConf.create(base)
+        for o in parser.parse_overrides(str(member).split()):
+            OmegaConf.update(c, o.key_or_group.lstrip("+"), o.value(), merge=False, force_add=True)
+        out.append(c)
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    cfgs = member_configs(cfg)
+    for c in cfgs:
+        validate(c)
+    runs = [find_run(c) for c in cfgs]
+    todo = [i for i, r in enumerate(runs) if not r.done]
+    metrics = [r.metrics or {} for r in runs]
+    if todo:
+        for i, m in zip(todo, train_population([cfgs[i] for i in todo])):
+            metrics[i] = m
+    print(f"population: {len(cfgs)} members, {len(todo)} trained here, {len(cfgs) - len(todo)} done before",
+          file=sys.stderr)
+    keys = set.intersection(*(set(m) for m in metrics)) if metrics else set()
+    return {k: sum(m[k] for m in metrics) / len(metrics) for k in keys}  # the members' mean, for the job's line
+
+
+def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
+    lead = cfgs[0]
+    folder = Path(lead.paths.checkpoints) / ("population-" + hashlib.sha256(
+        " ".join(sorted(identity(c) for c in cfgs)).encode()).hexdigest()[:12])
+    last = folder / "last.ckpt"
+    runs = [find_run(c, last=last) for c in cfgs]  # resumable only from the population's own checkpoint
+    resume = all(r.ckpt_path for r in runs)
+    for c, r in zip(cfgs, runs):
+        discard(c, r, restart=not resume)
+    if not resume and folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+
+    nets, dms = [], []
+    for c in cfgs:  # per member, as train.run: seed, data, model (its own initialization and split)
+        L.seed_everything(c.seed, workers=True, verbose=False)
+        dm = train.build_data(c)
+        dm.setup()
+        net = train.build_model(c, dm.input_shape, dm.num_classes)
+        for name, reg in train.build_regularizers(c).items():
+            reg.name = name
+            reg.attach(net)
+        nets.append(net)
+        dms.append(dm)
+    reason = why_not(lead) or fusable(nets)
+    if reason:
+        if lead.population.mode == "on":
+            raise ConfigError(f"population.mode=on: these members cannot share a training step ({reason}); use "
+                              "population.mode=auto to train them one by one")
+        print(f"population: {reason}; training the {len(cfgs)} members one by one", file=sys.stderr)
+        return [train.run(c) for c in cfgs]
+    data = PopulationDataModule(dms)
+    module = Classifier(fuse(nets, dms[0].input_shape), optim=OmegaConf.to_container(lead.optim, resolve=True))
+    if resume:
+        module.check_checkpoint(str(last))
+    performance.apply(lead.get("performance"), lead.trainer, module.net)
+    loggers = [build_logger(c, r) for c, r in zip(cfgs, runs)]
+    if any(lg is None for lg in loggers):
+        loggers = []
+    for c, r, lg, net, dm in zip(cfgs, runs, loggers, nets, dms):
+        if r.run_id is None:
+            params = sum(p.numel() for p in net.parameters())
+            lg.log_header(c, params={"model.params": params, "data.label_noise_realized": dm.label_noise_realized},
+                          metrics={"data/label_noise_realized": dm.label_noise_realized, "model/params": float(params)})
+    ck = (lead.get("callbacks") or {}).get("checkpoint") or {}
+    checkpoint = Checkpoint(dirpath=str(folder), monitor=None, save_top_k=0, save_last=True,
+                            every_n_epochs=int(ck.get("every_n_epochs") or 1), last_every_s=ck.get("last_every_s"),
+                            save_on_train_epoch_end=True)
+    callbacks = [checkpoint] + [cb for name, node in (lead.get("callbacks") or {}).items()
+                                if name == "progress" and node is not None and sys.stdout.isatty()
+                                for cb in [instantiate(node)]]
+    trainer = instantiate(lead.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(folder),
+                          enable_checkpointing=True,
+                          enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks))
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
+    except DivergenceError as e:
+        for lg in loggers:
+            lg.fail(f"divergence: {e}")
+            lg.finalize("failed")
+        raise
+    trainer.test(module, datamodule=data, verbose=False, weights_only=True)
+    for m, reason in module.failed.items():
+        if loggers:
+            loggers[m].fail(f"divergence: {reason}")
+            loggers[m].finalize("failed")
+    out = []
+    for m, (c, r, net) in enumerate(zip(cfgs, runs, module.net.member_nets())):
+        # The member's own checkpoint folder gets its final weights, as a solo run's last.ckpt holds them.
+        r.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                    "epoch": trainer.current_epoch - 1, "global_step": trainer.global_step},
+                   r.ckpt_dir / "last.ckpt")
+        out.append({**module.member_metrics[m], "model/params": float(sum(p.numel() for p in net.parameters()))})
+    return out
