@@ -18,10 +18,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The MNIST-1D deep-double-descent study (conf/exp/double_descent_mnist1d.yaml) on 12 of its widths, 2 jobs at once:
-# figures and tables in results/double_descent_mnist1d/, runs in MLflow (experiment double_descent). Rerunning
-# skips finished widths and resumes interrupted ones. DD_WIDTHS= (empty) runs the preset's whole grid.
-DD_WIDTHS ?= 4,8,12,16,24,32,48,64,96,128,192,256
+# The MNIST-1D deep-double-descent study (conf/exp/double_descent_mnist1d.yaml) on 14 of its widths x 5 seeds, as
+# 2 population jobs at once (one per core): figures and tables in results/double_descent_mnist1d/, runs in MLflow
+# (experiment double_descent). Rerunning skips finished members and resumes interrupted ones. DD_WIDTHS= (empty)
+# runs the preset's whole grid.
+DD_WIDTHS ?= 4,8,12,16,24,32,40,48,56,64,96,128,192,256
 run: install
 	$(PY) scripts/train.py +exp=double_descent_mnist1d $(if $(DD_WIDTHS),model.width=$(DD_WIDTHS))
 	@echo "Figures: results/double_descent_mnist1d/   Runs: make ui  (then http://127.0.0.1:$(UI_PORT))"

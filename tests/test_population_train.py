@@ -1,0 +1,145 @@
+"""Populations through reglab's own path (reglab/population/train.py, the Classifier's one step): every member ends
+where its solo run ends, a diverging member fails alone, and members that cannot share a step are refused or
+trained one by one. The fused modules themselves: tests/test_population_models.py; their data:
+tests/test_population_data.py; a population sweep killed and resumed through the CLI: tests/test_sweep.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose
+
+from reglab.errors import ConfigError
+
+# Two widths x two seeds of a small MLP on digits, SGD with momentum: members differ in init, split, order, noise.
+MLP_BASE = ["data=digits", "data.train_size=256", "data.batch_size=32", "data.label_noise=0.1", "model.depth=2",
+            "optim=sgd", "optim.lr=0.05", "optim.momentum=0.9", "callbacks.early_stopping=null", "logger=none",
+            "trainer.max_epochs=8", "population.mode=on"]
+RESNET_BASE = ["data=digits", "data.train_size=128", "data.batch_size=32", "model=resnet18", "model.width=2",
+               "optim=sgd", "optim.lr=0.05", "callbacks.early_stopping=null", "logger=none", "trainer.max_epochs=2",
+               "population.mode=on"]
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def solo_and_population(root: Path, base: list[str], members: list[list[str]]):
+    """(solo metrics, population metrics, solo weights, population weights) per member."""
+    from reglab.population.train import train_population
+    from reglab.runs.lookup import find_run
+    from reglab.train import run
+
+    solo_cfgs = [compose([*base, f"paths.root={root / 'solo'}", *m]) for m in members]
+    pop_cfgs = [compose([*base, f"paths.root={root / 'pop'}", *m]) for m in members]
+    solo = [run(c) for c in solo_cfgs]
+    pop = train_population(pop_cfgs)
+    solo_w = [weights(find_run(c).ckpt_dir / "last.ckpt") for c in solo_cfgs]
+    pop_w = [weights(find_run(c).ckpt_dir / "last.ckpt") for c in pop_cfgs]
+    return solo, pop, solo_w, pop_w
+
+
+def assert_members_match(solo, pop, solo_w, pop_w, rtol=1e-5):
+    for s, p, sw, pw in zip(solo, pop, solo_w, pop_w):
+        for key in ("train/loss", "val/loss", "test/loss", "test/err", "params/l2"):
+            assert p[key] == pytest.approx(s[key], rel=rtol, abs=1e-6), key
+        assert sw.keys() == pw.keys()
+        for k in sw:
+            torch.testing.assert_close(pw[k].float(), sw[k].float(), rtol=rtol, atol=1e-6, msg=k)
+
+
+def test_each_mlp_member_ends_where_its_solo_run_ends(tmp_path):
+    members = [["model.width=8", "seed=0"], ["model.width=8", "seed=1"], ["model.width=24", "seed=0"],
+               ["model.width=24", "seed=1", "data.label_noise=0.3"]]
+    solo, pop, solo_w, pop_w = solo_and_population(tmp_path, MLP_BASE, members)
+    assert_members_match(solo, pop, solo_w, pop_w)
+    assert len({round(p["test/loss"], 6) for p in pop}) == 4  # four different members, not one copied four times
+    assert all(p["test/err"] < 0.7 for p in pop), [p["test/err"] for p in pop]  # they learned (chance: 0.9)
+
+
+def test_each_resnet_member_with_batch_norm_ends_where_its_solo_run_ends(tmp_path):
+    members = [["seed=0"], ["seed=1"], ["seed=2"]]
+    solo, pop, solo_w, pop_w = solo_and_population(tmp_path, RESNET_BASE, members)
+    assert_members_match(solo, pop, solo_w, pop_w)  # BatchNorm running statistics included (test in eval mode)
+    assert any("running_mean" in k for k in pop_w[0])
+
+
+def test_a_diverging_member_fails_alone_and_the_others_train_on(tmp_path):
+    """A member whose weights are broken (inf) gets a non-finite loss: it is marked failed with the reason, its
+    loss stops counting, and the other member still ends exactly where it ends alone."""
+    import lightning as L
+
+    from reglab.classifier import Classifier
+    from reglab.population import fuse
+    from reglab.population.data import PopulationDataModule
+    from reglab.train import build_data, build_model
+
+    cfgs = [compose([*MLP_BASE, f"paths.root={tmp_path}", "model.width=8", f"seed={s}"]) for s in (0, 1)]
+    nets, dms = [], []
+    for c in cfgs:
+        L.seed_everything(c.seed, verbose=False)
+        dm = build_data(c)
+        dm.setup()
+        nets.append(build_model(c, dm.input_shape, dm.num_classes))
+        dms.append(dm)
+    solo = build_model(cfgs[0], dms[0].input_shape, dms[0].num_classes)
+    solo.load_state_dict(nets[0].state_dict())
+    population = fuse(nets, dms[0].input_shape)
+    broken = population.member_state_dict(1)
+    broken["head.weight"].fill_(float("inf"))
+    population.load_member_state_dict(1, broken)
+    optim = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
+    module = Classifier(population, optim=optim)
+
+    def trainer():
+        return L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, deterministic=True)
+
+    trainer().fit(module, datamodule=PopulationDataModule(dms))
+    assert list(module.failed) == [1] and "train/loss is nan" in module.failed[1]
+    alone = Classifier(solo, optim=optim)
+    L.seed_everything(0, verbose=False)
+    trainer().fit(alone, datamodule=build_data(cfgs[0]))
+    for k, v in alone.net.state_dict().items():
+        torch.testing.assert_close(population.member_state_dict(0)[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_population_on_with_a_model_that_cannot_be_fused_is_one_line(tmp_path):
+    from reglab.population.train import train_population
+
+    cfgs = [compose([*MLP_BASE, f"paths.root={tmp_path}", "model.norm=group", f"seed={s}"]) for s in (0, 1)]
+    with pytest.raises(ConfigError, match=r"population.mode=on: these members cannot share a training step "
+                                          r"\(model.norm=group cannot be fused"):
+        train_population(cfgs)
+
+
+def test_population_auto_trains_what_cannot_be_fused_one_by_one(tmp_path):
+    from reglab.population.train import train_population
+
+    cfgs = [compose([*MLP_BASE, f"paths.root={tmp_path}", "model.norm=group", "population.mode=auto",
+                     "trainer.max_epochs=1", f"seed={s}"]) for s in (0, 1)]
+    results = train_population(cfgs)
+    assert len(results) == 2 and results[0]["test/loss"] != results[1]["test/loss"]
+
+
+def test_the_sweeper_groups_members_and_balances_the_jobs():
+    """A width x seed grid is one group split into as many populations as the launcher runs at once, a width's
+    seeds kept together; what cannot share a step (early stopping) stays a job of its own."""
+    from omegaconf import OmegaConf
+
+    from reglab.population.sweeper import cost, split, why_not
+
+    widths = [4, 8, 16, 256, 128, 64] * 2
+    cfgs = [OmegaConf.create({"model": {"width": w, "depth": 2}}) for w in widths]
+    bins = split(list(range(len(cfgs))), [cost(c) for c in cfgs], widths, parts=2)
+    assert len(bins) == 2 and sorted(i for b in bins for i in b) == list(range(12))
+    for b in bins:  # both seeds of a width in the same population
+        assert all((i + 6) % 12 in b for i in b)
+    # Longest first: width 256 (cost ~ 2 x 256^2) outweighs all the others together, so it runs alone.
+    assert sorted(sorted({widths[i] for i in b}) for b in bins) == [[4, 8, 16, 64, 128], [256]]
+    assert why_not(compose(["callbacks.early_stopping.patience=3"])) == \
+        "early stopping ends each member at its own epoch"
+    assert why_not(compose(["callbacks.early_stopping=null", "regularization=[dropout]"])) is None
+    assert "l2" in why_not(compose(["callbacks.early_stopping=null", "regularization=[l2]"]))
