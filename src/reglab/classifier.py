@@ -162,8 +162,9 @@ class Classifier(L.LightningModule):
 
     def _write_pending(self) -> None:
         # A training epoch's metrics (train, val and, with data.test_every_epoch, test) reach the loggers in one
-        # call, once the epoch's checkpoint callbacks have run (next epoch's start or the end of fit): the run's
-        # history then never holds an epoch that its last.ckpt lacks (reglab/runs/logger.py relies on both).
+        # call at the end of the epoch, after validation and before the checkpoint callbacks that save on training
+        # epoch end (Lightning runs monitoring callbacks after the module's hook): a run's history is then never
+        # behind its last.ckpt, which is what resuming needs (reglab/runs/lookup.py).
         pending, self._pending_log = self._pending_log, {}
         for step, values in sorted(pending.items()):
             if self.members is None:
@@ -173,9 +174,6 @@ class Classifier(L.LightningModule):
             for m, logger in enumerate(self.loggers):
                 if m not in self.failed:
                     logger.log_metrics(values[m], step=step)
-
-    def on_train_epoch_start(self) -> None:
-        self._write_pending()
 
     def on_train_end(self) -> None:
         self._write_pending()
@@ -231,6 +229,7 @@ class Classifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
+        self._write_pending()
 
     # --- evaluation -----------------------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:

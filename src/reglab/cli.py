@@ -32,16 +32,12 @@ FAILED_JOBS: list[str] = []
 def quiet_libraries() -> None:
     """Process-wide settings of a training process, made by the CLI (never at import): Lightning's start-up
     chatter (accelerator lines, a cloud-logger advert) and a deprecation inside Lightning itself bury the lines a
-    researcher needs; MLflow's asynchronous queue otherwise blocks on `queue.get(timeout=1)`, so ending a run (after
-    fit, again after test) waits up to 1 s, while with buffering it sleeps on the stop event (ends at once) and
-    merges the points queued in that second into one write. Idempotent."""
+    researcher needs. Idempotent."""
     import logging
     import warnings
 
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    if not os.environ.get("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"):  # unset or empty (MLflow hangs on "")
-        os.environ["MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"] = "1"
 
 
 def runner(cfg: Any) -> Callable[[Any], Any]:

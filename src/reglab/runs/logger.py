@@ -2,14 +2,15 @@
 
 - starts a new run or continues `Run.run_id` (reglab/runs/lookup.py), dropping points at epochs the history
   already holds, so a resumed run logs every epoch once;
-- writes an epoch's metrics in batches, one request per checkpoint interval (`callbacks.checkpoint.every_n_epochs`;
-  a SQLite commit costs as much as an epoch of a small MLP), each with the tag `reglab.logged_epoch` in the same
-  request, which is what resuming reads;
+- writes an epoch's metrics in batches, one synchronous request per checkpoint interval
+  (`callbacks.checkpoint.every_n_epochs`; a SQLite commit costs as much as an epoch of a small MLP), each with the
+  tag `reglab.logged_epoch` in the same request, which is what resuming reads;
 - records the run's header (flattened config as params, config.yaml, git commit and package versions) and, after
   the run ended, the metrics of what follows it (early stopping's after-stop phase).
 
-The Classifier hands over each epoch's metrics in one `log_metrics(metrics, step=epoch)` call, after the epoch's
-checkpoint was written (reglab/classifier.py): so a batch never holds an epoch whose checkpoint is not on disk yet.
+The Classifier hands over each epoch's metrics in one `log_metrics(metrics, step=epoch)` call at the end of the
+epoch (reglab/classifier.py). A history ahead of the checkpoint is fine (a resume recomputes those epochs and drops
+their points); one behind it is not, and lookup.py starts such a run over.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from reglab.runs import store
 from reglab.runs.lookup import LOGGED_EPOCH_TAG, Run
 
 MAX_BATCH = 1000  # MLflow takes at most 1,000 metrics per request
+MAX_PARAMS, MAX_PARAM = 100, 6000  # ... 100 params per request, 6,000 characters per value
 
 
 class RunLogger(MLFlowLogger):
     def __init__(self, run: Run, flush_every: int = 1, **kwargs: Any):
         super().__init__(run_id=run.run_id, **kwargs)
         self.logged_epoch, self.flush_every = run.logged_epoch, max(1, flush_every)
-        self.tracking_uri, self.synchronous = kwargs["tracking_uri"], kwargs.get("synchronous")
+        self.tracking_uri = kwargs["tracking_uri"]
         self._pending: list[tuple[dict[str, float], int]] = []
         self._failed = False
 
@@ -57,8 +59,8 @@ class RunLogger(MLFlowLogger):
         last = max(step for _, step in pending)
         for i in range(0, len(batch), MAX_BATCH):
             tags = [RunTag(LOGGED_EPOCH_TAG, str(last))] if i + MAX_BATCH >= len(batch) else []
-            self.experiment.log_batch(self.run_id, metrics=batch[i:i + MAX_BATCH], tags=tags,
-                                      synchronous=self.synchronous)
+            # Synchronous: resuming trusts the tag only once the points are in the store.
+            self.experiment.log_batch(self.run_id, metrics=batch[i:i + MAX_BATCH], tags=tags, synchronous=True)
 
     @rank_zero_only
     def fail(self, reason: str) -> None:
@@ -108,7 +110,4 @@ def build_logger(cfg: DictConfig, run: Run) -> RunLogger | None:
         artifact_location=artifacts,
         tags={"fingerprint": run.identity, **store.code_tags(), **(cfg.logger.get("tags") or {}), **run.tags},
         log_model=bool(cfg.logger.get("log_model", False)),
-        # false: writes go through MLflow's background queue (a SQLite commit is ~25 ms of waiting, as long as an
-        # epoch of a small model); ending the run flushes it.
-        synchronous=bool(cfg.logger.get("synchronous", False)),
     )
