@@ -1,4 +1,4 @@
-"""Bias-variance decomposition (lecture eqs. 14-16): the estimator, the batched MLP, and the +exp=bias_variance preset."""
+"""Bias-variance decomposition (lecture eqs. 14-16): the estimator, the fused MLP fits, the +exp=bias_variance preset."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import compose
+from omegaconf import OmegaConf
 
-from reglab.models.batched_mlp import BatchedMLP
 from reglab.models.polynomial import predict, ridge_lstsq
-from reglab.studies.bias_variance import decompose, target, training_sets
-from reglab.train import main
+from reglab.studies.bias_variance import decompose, fit_mlps, init_mlps, target, training_sets
+from reglab.cli import runner
 
 SIGMA = 0.3
 
@@ -44,32 +44,25 @@ def test_polynomial_decomposition_matches_known_answer_for_m0():
     assert d["gap_over_se"] < 4
 
 
-def test_batched_mlp_member_is_the_reglab_mlp():
-    net = BatchedMLP(3, 1, 1, width=7, depth=2, activation="tanh", generator=torch.Generator().manual_seed(0))
-    x = torch.rand(3, 11, 1)
-    out = net(x)
-    for k in range(3):
-        torch.testing.assert_close(net.member(k)(x[k]), out[k])
-
-
-def test_batched_training_equals_training_each_member_alone():
-    x, t = training_sets(3, 20, SIGMA, seed=0, dtype=torch.float32)
-    xs, ts = x.unsqueeze(-1), t.unsqueeze(-1)
-    together = BatchedMLP(3, 1, 1, width=16, generator=torch.Generator().manual_seed(0))
-    alone = BatchedMLP(1, 1, 1, width=16)
-    with torch.no_grad():
-        for a, b in zip(alone.parameters(), together.parameters()):
-            a.copy_(b[1:2])
-    for net, xi, ti in ((together, xs, ts), (alone, xs[1:2], ts[1:2])):
-        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-        for _ in range(100):
-            loss = (net(xi) - ti).pow(2).mean(dim=(1, 2)).sum()
+def test_fitted_mlps_are_the_solo_mlps_each_trained_alone_on_its_own_set():
+    x, t = training_sets(3, 20, SIGMA, seed=0)
+    m = OmegaConf.create({"depth": 1, "activation": "relu", "steps": 100, "lr": 1e-2})
+    rng = torch.get_rng_state()
+    nets = init_mlps(3, 16, m, seed=3)  # the theta_0 fit_mlps starts from
+    assert torch.equal(torch.get_rng_state(), rng)  # per-member seeds; the global RNG is left as it was
+    assert not torch.equal(nets[0].head.weight, nets[1].head.weight)  # each member its own initialization
+    fused = fit_mlps(x, t, 16, m, seed=3)
+    for k, net in enumerate(nets):
+        opt = torch.optim.Adam(net.parameters(), lr=m.lr)
+        for _ in range(m.steps):
+            loss = (net(x[k].float().unsqueeze(-1)).squeeze(-1) - t[k].float()).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-    for a, b in zip(alone.parameters(), together.parameters()):
-        torch.testing.assert_close(a[0], b[1], rtol=1e-4, atol=1e-5)
-    assert (together(xs) - ts).pow(2).mean() < 0.5 * ts.var()  # it learned
+        for key, value in net.state_dict().items():
+            torch.testing.assert_close(fused.member_state_dict(k)[key], value, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert (fused(x.float().unsqueeze(-1)).squeeze(-1) - t).pow(2).mean() < 0.5 * t.var()  # it learned
 
 
 REDUCED = ["bias_variance.n_datasets=40", "bias_variance.n_test=300", "bias_variance.mlp.widths=[2,32]",
@@ -77,7 +70,8 @@ REDUCED = ["bias_variance.n_datasets=40", "bias_variance.n_test=300", "bias_vari
 
 
 def test_preset_runs_end_to_end_and_the_sum_matches_the_mse(tmp_root):
-    metrics = main(compose(["+exp=bias_variance", f"paths.root={tmp_root}", "logger=none", *REDUCED]))
+    cfg = compose(["+exp=bias_variance", f"paths.root={tmp_root}", "logger=none", *REDUCED])
+    metrics = runner(cfg)(cfg)  # what scripts/train.py calls: the preset's runner._target_
     out = tmp_root / "results" / "bias_variance"
     for name in ("decomposition.csv", "decomposition.md", "bias_variance_polynomial_order.png",
                  "bias_variance_polynomial_lnlambda.png", "bias_variance_mlp_width.png", "fits_by_lnlambda.png"):

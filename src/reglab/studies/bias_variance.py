@@ -17,8 +17,9 @@ What the gap does *not* contain: bias^2 and variance as estimates of their popul
 bias^2 by about variance/L, the 1/L variance deflates variance by the same amount); the two errors cancel in the sum.
 
 (a) polynomial of order M (closed form, `ridge_lstsq` batched over the L sets) across M and across ln lambda;
-(b) one-hidden-layer MLPs across width, the L networks of a width trained at once as a `BatchedMLP` (full-batch
-Adam on the sum of the per-set mean squared errors: exactly L independent trainings).
+(b) one-hidden-layer MLPs across width: L `reglab.models.MLP`s per width, each initialized from its own seed, fused
+into one `reglab.population.PopulationMLP` and trained at once (full-batch Adam on the sum of the per-set mean
+squared errors: exactly L independent trainings).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ import torch
 from omegaconf import DictConfig
 
 from reglab.errors import ConfigError
-from reglab.models.batched_mlp import BatchedMLP
+from reglab.models import MLP
 from reglab.models.polynomial import predict, ridge_lstsq
+from reglab.population import PopulationMLP
 from reglab.runs.study import StudyRecorder
 
 log = logging.getLogger(__name__)
@@ -72,12 +74,22 @@ def decompose(pred: torch.Tensor, f: torch.Tensor, y: torch.Tensor, sigma: float
                                         + (2 * eps * (f - pred)).mean().item())}
 
 
-def fit_mlps(x: torch.Tensor, t: torch.Tensor, width: int, m: DictConfig, seed: int) -> BatchedMLP:
-    """x, t (L, N): one MLP per set, all trained at once by full-batch Adam."""
-    gen = torch.Generator().manual_seed(seed)
-    net = BatchedMLP(x.shape[0], 1, 1, width, m.depth, m.activation, generator=gen)
+def init_mlps(n: int, width: int, m: DictConfig, seed: int) -> list[MLP]:
+    """n solo MLPs 1 -> 1, each initialized (nn.Linear's default init) from its own seed, drawn from `seed`."""
+    member_seeds = torch.randint(2**62, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    nets = []
+    with torch.random.fork_rng(devices=[]):  # the default init draws from the global RNG: restore it afterwards
+        for s in member_seeds:
+            torch.manual_seed(s)
+            nets.append(MLP((1,), 1, width=width, depth=m.depth, activation=m.activation))
+    return nets
+
+
+def fit_mlps(x: torch.Tensor, t: torch.Tensor, width: int, m: DictConfig, seed: int) -> PopulationMLP:
+    """x, t (L, N): one MLP per set (`init_mlps`), all trained at once by full-batch Adam."""
+    net = PopulationMLP(init_mlps(x.shape[0], width, m, seed))
     opt = torch.optim.Adam(net.parameters(), lr=m.lr)
-    xs, ts = x.float().unsqueeze(-1), t.float().unsqueeze(-1)
+    xs, ts = x.float().unsqueeze(-1), t.float().unsqueeze(-1)  # (L, N, 1): member l reads its own set
     for _ in range(m.steps):
         # sum over sets of each set's mean squared error: the gradient w.r.t. member l's weights is that of its
         # own loss, so this is L independent full-batch trainings
@@ -138,7 +150,7 @@ def _run(cfg: DictConfig, b: DictConfig, rec: StudyRecorder) -> dict[str, float]
         t0 = time.time()
         net = fit_mlps(xm, tm, int(width), mm, seed * 100 + 3)
         with torch.no_grad():
-            pred = net(x_test.float().expand(L, -1).unsqueeze(-1)).squeeze(-1)
+            pred = net(x_test.float().unsqueeze(-1)).squeeze(-1)  # one shared (n, 1) batch -> (L, n)
             train_mse = (net(xm.float().unsqueeze(-1)).squeeze(-1) - tm.float()).pow(2).mean().item()
         d = record("mlp_width", "width", int(width), pred,
                    {"depth": mm.depth, "activation": mm.activation, "steps": mm.steps, "lr": mm.lr,
