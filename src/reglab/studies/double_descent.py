@@ -1,69 +1,81 @@
 """Report of a double-descent study (Nakkiran et al. 2019, "Deep Double Descent", arXiv 1912.02292): reads the
 study's finished child runs from MLflow and writes, to results/<study>/ and the parent run's artifacts,
 
-- modelwise.png / modelwise.{csv,md}: final test and train error vs width (log x), mean +- std over seeds, with the
-  interpolation threshold (the first width whose mean final train error is <= INTERPOLATED) marked;
-- epochwise_heatmap.png / epochwise.{csv,md}: test error by width x epoch (log epoch axis), the paper's Figure 2;
-- epochwise_curves.png: test error vs epoch for a small, the critical and a large width;
+- modelwise.png / modelwise.{csv,md}: per width, over its n seeds, the mean and standard error of the final test
+  error, train error and test loss; the figure draws the means vs width (log x) with a +-1 SE band (none for n=1),
+  test and train error in one panel and test loss (whose peak is sharper) in a second, with the interpolation
+  threshold (the first width whose mean final train error is <= INTERPOLATED) and the second-descent peak, both
+  found on the means;
+- epochwise_heatmap.png / epochwise.{csv,md}: mean test error over seeds by width x epoch (log epoch axis), the
+  paper's Figure 2;
+- epochwise_curves.png: mean test and train error vs epoch for a small, the critical and a large width;
 - config.yaml: the study's config (the parent run's).
 
-Train error is the mean over the epoch's batches (in train mode), as logged by the Classifier; test error is the
-held-out set after each epoch (data.test_every_epoch). Epoch e in the tables is the state after e epochs.
+Standard error = sample standard deviation over seeds (ddof=1) / sqrt(n): pandas' `sem`; NaN (a blank cell) for a
+width with one seed. Children that did not finish (failed, killed, running) are in no number; modelwise.md lists
+them. Train error is the mean over the epoch's batches (in train mode, on the noisy labels), as logged by the
+Classifier; test error and loss are the held-out set after each epoch (data.test_every_epoch). Epoch e in the
+tables is the state after e epochs.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from reglab.studies.output import parent_config
 from reglab.errors import ReglabError
+from reglab.studies.output import markdown_table, parent_config
 
 INTERPOLATED = 0.01  # "train error ~ 0": at most 1% of the (noisy) training labels not fitted
 WIDTH, SEED = "model.width", "seed"
+METRICS = {"test_err": "test/err", "train_err": "train/err", "test_loss": "test/loss"}  # column: MLflow history
 
 
-def collect(client, parent) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per-run final numbers, per-run per-epoch history) of the parent's finished children."""
+def collect(client, parent) -> pd.DataFrame:
+    """One row per (finished child, epoch): run, width, seed, params, epoch and the METRICS after that epoch."""
     runs = client.search_runs(
         [parent.info.experiment_id],
         f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and attributes.status = 'FINISHED'",
     )
-    finals, rows = [], []
+    rows = []
     for r in runs:
-        width, seed = int(r.data.params[WIDTH]), int(r.data.params.get(SEED, 0))
-        train = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "train/err")}
-        test = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "test/err")}
-        steps = sorted(s for s in train if s in test)  # per-epoch points (the final trainer.test is one past them)
-        if not steps:
-            continue
+        p = r.data.params
+        width, seed = int(p[WIDTH]), int(p.get(SEED, 0))
+        params = int(float(p["model.params"])) if p.get("model.params") else None
+        h = {col: {m.step: m.value for m in client.get_metric_history(r.info.run_id, key)}
+             for col, key in METRICS.items()}
+        steps = sorted(set(h["train_err"]) & set(h["test_err"]))  # per-epoch points (the final test is one past)
         for s in steps:
-            rows.append({"width": width, "seed": seed, "epoch": s + 1, "train_err": train[s], "test_err": test[s]})
-        last = steps[-1]
-        finals.append({"width": width, "seed": seed, "params": int(float(r.data.params.get("model.params", "nan")))
-                       if r.data.params.get("model.params") else None, "epochs": last + 1,
-                       "train_err": train[last], "test_err": test[last]})
-    if not finals:
+            rows.append({"run": r.info.run_id, "width": width, "seed": seed, "params": params, "epoch": s + 1,
+                         **{col: h[col].get(s, np.nan) for col in METRICS}})
+    if not rows:
         raise ReglabError(f"study={parent.data.tags.get('study')!r}: no finished child run with train/err and "
                           f"test/err yet")
-    return pd.DataFrame(finals), pd.DataFrame(rows)
+    return pd.DataFrame(rows)
 
 
-def modelwise_table(finals: pd.DataFrame) -> pd.DataFrame:
-    g = finals.groupby("width")
-    t = pd.DataFrame({
-        "params": g["params"].first(),
-        "seeds": g["seed"].nunique(),
-        "epochs": g["epochs"].max(),
-        "test_err_mean": g["test_err"].mean(),
-        "test_err_std": g["test_err"].std(ddof=0),
-        "train_err_mean": g["train_err"].mean(),
-        "train_err_std": g["train_err"].std(ddof=0),
-    }).reset_index()
-    return t.sort_values("width")
+def mean_se() -> dict[str, tuple[str, str]]:
+    """Named aggregations over a group's runs (its seeds): each metric's mean and standard error (pandas' sem:
+    std with ddof=1 / sqrt(n); NaN for n=1)."""
+    out = {}
+    for col in METRICS:
+        out[f"{col}_mean"] = (col, "mean")
+        out[f"{col}_se"] = (col, "sem")
+    return out
+
+
+def modelwise_table(history: pd.DataFrame) -> pd.DataFrame:
+    """Per width: its seeds' numbers after their last epoch, as n, mean and SE."""
+    finals = history[history["epoch"] == history.groupby("run")["epoch"].transform("max")]
+    t = finals.groupby("width").agg(n=("run", "size"), params=("params", "first"), epochs=("epoch", "max"),
+                                    **mean_se())
+    return t.reset_index()  # groupby sorts by width
+
+
+def epochwise_table(history: pd.DataFrame) -> pd.DataFrame:
+    return history.groupby(["width", "epoch"]).agg(n=("run", "size"), **mean_se()).reset_index()
 
 
 def interpolation_threshold(table: pd.DataFrame) -> int | None:
@@ -71,34 +83,20 @@ def interpolation_threshold(table: pd.DataFrame) -> int | None:
     return int(fitted["width"].iloc[0]) if len(fitted) else None
 
 
-def peak_width(table: pd.DataFrame) -> int:
-    """Width of the second-descent peak: the highest test error at or beyond the classical sweet spot (the lowest
-    test error among widths up to the interpolation threshold), so an underfitting small width is not "the peak"."""
+def peak_width(table: pd.DataFrame, metric: str = "test_err") -> int:
+    """Width of the second-descent peak of `metric`'s mean: its highest value at or beyond the classical sweet spot
+    (the lowest value among widths up to the interpolation threshold), so an underfitting small width is not "the
+    peak"."""
     critical = interpolation_threshold(table)
     classical = table if critical is None else table[table["width"] <= critical]
-    sweet = classical.loc[classical["test_err_mean"].idxmin(), "width"]
+    sweet = classical.loc[classical[f"{metric}_mean"].idxmin(), "width"]
     beyond = table[table["width"] >= sweet]
-    return int(beyond.loc[beyond["test_err_mean"].idxmax(), "width"])
+    return int(beyond.loc[beyond[f"{metric}_mean"].idxmax(), "width"])
 
 
-def epochwise_table(history: pd.DataFrame) -> pd.DataFrame:
-    g = history.groupby(["width", "epoch"])
-    return pd.DataFrame({
-        "test_err_mean": g["test_err"].mean(),
-        "test_err_std": g["test_err"].std(ddof=0),
-        "train_err_mean": g["train_err"].mean(),
-    }).reset_index()
-
-
-def to_markdown(df: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
-    def cell(v):
-        if isinstance(v, float):
-            return "" if math.isnan(v) else floatfmt.format(v)
-        return str(v)
-
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+def seeds_text(table: pd.DataFrame) -> str:
+    lo, hi = int(table["n"].min()), int(table["n"].max())
+    return f"n={lo} seed{'s' if hi > 1 else ''}" if lo == hi else f"n={lo}-{hi} seeds"
 
 
 def _pick_widths(table: pd.DataFrame, critical: int | None) -> list[int]:
@@ -121,35 +119,46 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
         axis.set_minor_formatter(NullFormatter())
 
     critical = interpolation_threshold(table)
-    n_seeds = int(table["seeds"].max())
+    band = f"mean ± 1 SE, {seeds_text(table)}" if table["n"].max() > 1 else "one seed"
 
-    # Model-wise: final errors vs width.
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Model-wise: final errors (left) and test loss (right) vs width, mean +- 1 SE over seeds.
+    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
     w = table["width"].to_numpy()
-    for key, label, color in (("test", "test error", "tab:red"), ("train", "train error (noisy labels)", "tab:blue")):
-        mean, std = 100 * table[f"{key}_err_mean"].to_numpy(), 100 * table[f"{key}_err_std"].to_numpy()
-        ax.plot(w, mean, "o-", color=color, label=label, ms=4)
-        if n_seeds > 1:
-            ax.fill_between(w, mean - std, mean + std, color=color, alpha=0.2)
-    if critical is not None:
-        ax.axvline(critical, color="gray", ls="--", lw=1,
-                   label=f"interpolation threshold (train err <= {100 * INTERPOLATED:.0f}%): width {critical}")
-    peak = table[table["width"] == peak_width(table)].iloc[0]
-    ax.annotate(f"test-error peak: {100 * peak.test_err_mean:.1f}% at width {int(peak.width)}",
-                (peak.width, 100 * peak.test_err_mean), textcoords="offset points", xytext=(0, 14), fontsize=8,
-                ha="center", arrowprops={"arrowstyle": "->", "lw": 0.8})
-    ax.set_xscale("log")
-    plain_log_axis(ax.xaxis, list(w))
-    ax.set_xlabel("width (hidden units per layer, log scale)")
+
+    def curve(axis, col, scale, label, color):
+        mean, se = scale * table[f"{col}_mean"].to_numpy(), scale * table[f"{col}_se"].to_numpy()
+        axis.plot(w, mean, "o-", color=color, label=f"{label} ({band})", ms=4)
+        axis.fill_between(w, mean - se, mean + se, color=color, alpha=0.2)  # NaN SE (n=1): no band there
+
+    curve(ax, "test_err", 100, "test error", "tab:red")
+    curve(ax, "train_err", 100, "train error (noisy labels)", "tab:blue")
+    curve(ax_loss, "test_loss", 1, "test loss", "tab:purple")
+    peaks = ((ax, "test_err", 100, "test-error peak: {:.1f}%"), (ax_loss, "test_loss", 1, "test-loss peak: {:.3f}"))
+    for axis, col, scale, text in peaks:
+        if critical is not None:
+            axis.axvline(critical, color="gray", ls="--", lw=1,
+                         label=f"interpolation threshold (mean train err <= {100 * INTERPOLATED:.0f}%): "
+                               f"width {critical}")
+        if table[f"{col}_mean"].notna().any():
+            peak = table[table["width"] == peak_width(table, col)].iloc[0]
+            y = scale * peak[f"{col}_mean"]
+            axis.annotate(text.format(y) + f" at width {int(peak.width)}", (peak.width, y),
+                          textcoords="offset points", xytext=(0, 14), fontsize=8, ha="center",
+                          arrowprops={"arrowstyle": "->", "lw": 0.8})
+        axis.margins(y=0.12)  # room for the peak's label
+        axis.set_xscale("log")
+        plain_log_axis(axis.xaxis, list(w))
+        axis.set_xlabel("width (log scale)")
+        axis.grid(alpha=0.3, which="both")
+        axis.legend(fontsize=8)
     ax.set_ylabel("error (%)")
-    ax.set_title(f"Model-wise double descent: {study}\n{subtitle}", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax_loss.set_ylabel("test loss (cross-entropy)")
+    fig.suptitle(f"Model-wise double descent: {study}\n{subtitle}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "modelwise.png", dpi=130)
     plt.close(fig)
 
-    # Epoch-wise heatmap: widths (rows) x epochs (columns), log epoch axis.
+    # Epoch-wise heatmap: widths (rows) x epochs (columns), log epoch axis; mean over seeds.
     grid = epochwise.pivot(index="width", columns="epoch", values="test_err_mean").sort_index()
     epochs = grid.columns.to_numpy(dtype=float)
     x_edges = np.concatenate([[epochs[0] - 0.5], (epochs[:-1] + epochs[1:]) / 2, [epochs[-1] + 0.5]])
@@ -164,14 +173,14 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
                    label=f"interpolation threshold (width {critical})")
         ax.legend(fontsize=8, loc="upper right")
     ax.set_xlabel("epoch (log scale)")
-    ax.set_ylabel("width (hidden units per layer)")
-    ax.set_title(f"Epoch-wise: test error by width and epoch ({study})\n{subtitle}", fontsize=10)
+    ax.set_ylabel("width")
+    ax.set_title(f"Epoch-wise: mean test error by width and epoch ({study})\n{subtitle}", fontsize=10)
     fig.colorbar(mesh, ax=ax, label="test error (%)")
     fig.tight_layout()
     fig.savefig(out / "epochwise_heatmap.png", dpi=130)
     plt.close(fig)
 
-    # Epoch-wise curves for a small, the critical and a large width.
+    # Epoch-wise curves for a small, the critical and a large width; mean over seeds.
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.get_cmap("plasma")(np.linspace(0.1, 0.8, 3))
     for color, width in zip(colors, _pick_widths(table, critical)):
@@ -182,7 +191,7 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
     ax.set_xscale("log")
     plain_log_axis(ax.xaxis)
     ax.set_xlabel("epoch (log scale)")
-    ax.set_ylabel("error (%)")
+    ax.set_ylabel("error (%), mean over seeds")
     ax.set_title(f"Epoch-wise double descent: {study}\n{subtitle}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -193,11 +202,11 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
 
 def _subtitle(cfg: dict, table: pd.DataFrame) -> str:
     data = cfg.get("data") or {}
-    name = str(data.get("_target_", "")).rsplit(".", 1)[-1].replace("DataModule", "") or "data"
-    bits = [name]
+    name = data.get("dataset") or str(data.get("_target_", "")).rsplit(".", 1)[-1].replace("DataModule", "")
+    bits = [name or "data"]
     if "label_noise" in data:
         bits.append(f"{100 * data['label_noise']:.0f}% label noise")
-    bits += [f"{int(table['epochs'].max())} epochs", f"mean of {int(table['seeds'].max())} seed(s)"]
+    bits += [f"{int(table['epochs'].max())} epochs", f"mean over {seeds_text(table)} per width"]
     return ", ".join(bits)
 
 
@@ -221,24 +230,26 @@ def left_out_note(client, parent) -> str:
 
 
 def report(client, parent, out: Path) -> None:
-    finals, history = collect(client, parent)
-    table = modelwise_table(finals)
-    epochwise = epochwise_table(history)
+    history = collect(client, parent)
+    table, epochwise = modelwise_table(history), epochwise_table(history)
     study = parent.data.tags.get("study", "study")
     cfg = parent_config(client, parent, out)
 
     table.to_csv(out / "modelwise.csv", index=False)
     critical = interpolation_threshold(table)
-    note = (f"Interpolation threshold (first width with mean final train error <= {INTERPOLATED:.0%}): "
+    note = (f"Mean over {seeds_text(table)} per width; `_se` = standard error (sample std, ddof=1, / sqrt(n); blank "
+            f"for n=1).\n\nInterpolation threshold (first width with mean final train error <= {INTERPOLATED:.0%}): "
             f"{critical if critical is not None else 'not reached'}. Test-error peak (second descent): width "
-            f"{peak_width(table)}.\n\n")
-    note += left_out_note(client, parent)
-    (out / "modelwise.md").write_text(f"# {study}: model-wise\n\n{note}" + to_markdown(table))
+            f"{peak_width(table)}.")
+    if table["test_loss_mean"].notna().any():
+        note += f" Test-loss peak: width {peak_width(table, 'test_loss')}."
+    note += "\n\n" + left_out_note(client, parent)
+    (out / "modelwise.md").write_text(f"# {study}: model-wise\n\n{note}" + markdown_table(table))
     epochwise.to_csv(out / "epochwise.csv", index=False)
     last = int(epochwise["epoch"].max())
     shown = [e for e in MARKDOWN_EPOCHS if e < last] + [last]
     pivot = epochwise[epochwise["epoch"].isin(shown)].pivot(index="width", columns="epoch", values="test_err_mean")
     pivot.columns = [f"epoch {c}" for c in pivot.columns]
-    (out / "epochwise.md").write_text(f"# {study}: mean test error by width (rows) and epoch (columns)\n\n"
-                                      + to_markdown(pivot.reset_index()))
+    (out / "epochwise.md").write_text(f"# {study}: mean test error over seeds by width (rows) and epoch (columns)"
+                                      f"\n\n" + markdown_table(pivot.reset_index()))
     figures(table, epochwise, study, _subtitle(cfg, table), out)
