@@ -35,6 +35,25 @@ class Arrays:
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
+def target_device(dm) -> torch.device | None:
+    """The CUDA device the data moves to once (`on_device=auto` and a trainer on a GPU), else None."""
+    trainer = dm.trainer
+    if dm.on_device == "never" or trainer is None:
+        return None
+    device = trainer.strategy.root_device
+    return device if device.type == "cuda" else None
+
+
+def eval_loaders(dm, val_loader):
+    """The validation loop's loaders: the validation split's (None: no split) and, with `dm.test_every_epoch`, the
+    test split's; `dm.eval_stages` names each loader's metrics for the Classifier."""
+    loaders = [val_loader] if val_loader is not None else []
+    dm.eval_stages = ("val",) * len(loaders) + (("test",) if dm.test_every_epoch else ())
+    if dm.test_every_epoch:
+        loaders.append(dm.test_dataloader())
+    return loaders[0] if len(loaders) == 1 else loaders
+
+
 class InMemoryDataModule(L.LightningDataModule):
     name = "base"
 
@@ -117,11 +136,7 @@ class InMemoryDataModule(L.LightningDataModule):
         self._ready = True
 
     def _target_device(self) -> torch.device | None:
-        trainer = self.trainer
-        if self.on_device == "never" or trainer is None:
-            return None
-        device = trainer.strategy.root_device
-        return device if device.type == "cuda" else None
+        return target_device(self)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -140,15 +155,7 @@ class InMemoryDataModule(L.LightningDataModule):
         return TensorLoader(x, y, self.eval_batch_size, rank=rank, world_size=world)
 
     def val_dataloader(self) -> TensorLoader | list:
-        loaders, stages = [], []
-        if len(self.val_y):
-            loaders.append(self._eval_loader(self.val_x, self.val_y))
-            stages.append("val")
-        if self.test_every_epoch:
-            loaders.append(self.test_dataloader())
-            stages.append("test")
-        self.eval_stages = tuple(stages)
-        return loaders[0] if len(loaders) == 1 else loaders
+        return eval_loaders(self, self._eval_loader(self.val_x, self.val_y) if len(self.val_y) else None)
 
     def test_dataloader(self) -> TensorLoader:
         return self._eval_loader(self.test_x, self.test_y)

@@ -127,6 +127,23 @@ def norm_settings(module: nn.Module) -> str:
     return ""
 
 
+def common_reason(nets: list[nn.Module], kind: type, signature, norm_kind, fusable_norms: tuple[str, ...]) -> str | None:
+    """What stops `nets` (all of class `kind`) from being fused, checked alike for every model: no members, another
+    class, a difference between members (`signature(net)` -> dict), or a normalization that is not fused."""
+    if not nets:
+        return "no members to fuse"
+    for net in nets:
+        if type(net) is not kind:
+            return f"{type(net).__name__} is not a reglab {kind.__name__}"
+    reason = first_difference([signature(net) for net in nets])
+    if reason:
+        return reason
+    norm = norm_kind(nets[0])
+    if norm not in fusable_norms:
+        return f"model.norm={norm} cannot be fused (fusable: {', '.join(fusable_norms)})"
+    return None
+
+
 def first_difference(signatures: list[dict[str, object]]) -> str | None:
     """The first field (in insertion order) where a member differs from member 0, as a reason."""
     first = signatures[0]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from reglab.data.base import InMemoryDataModule
+from reglab.data.base import InMemoryDataModule, eval_loaders, target_device
 from reglab.data.loader import TensorLoader
 from reglab.errors import ConfigError
 
@@ -122,7 +122,7 @@ class PopulationDataModule(L.LightningDataModule):
             self.val_x, self.val_y = torch.stack([m.val_x for m in ms]), torch.stack([m.val_y for m in ms])
             self.test_x, self.test_y = ms[0].test_x, ms[0].test_y  # one copy: the same for all (checked)
             self.mean, self.std = ms[0].mean, ms[0].std
-        device = self._target_device()
+        device = target_device(self)
         if device is not None and self.train_x.device != device:
             for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "mean", "std"):
                 setattr(self, k, getattr(self, k).to(device))
@@ -132,28 +132,13 @@ class PopulationDataModule(L.LightningDataModule):
             m.train_x, m.train_y, m.val_x, m.val_y = self.train_x[i], self.train_y[i], self.val_x[i], self.val_y[i]
             m.test_x, m.test_y, m.mean, m.std = self.test_x, self.test_y, self.mean, self.std
 
-    def _target_device(self) -> torch.device | None:
-        trainer = self.trainer
-        if self.on_device == "never" or trainer is None:
-            return None
-        device = trainer.strategy.root_device
-        return device if device.type == "cuda" else None
-
     def train_dataloader(self) -> PopulationLoader:
         # Members have no trainer, so their loaders are those of a single-process solo run.
         return PopulationLoader(self.train_x, self.train_y, [m.train_dataloader() for m in self.members])
 
     def val_dataloader(self) -> PopulationLoader | TensorLoader | list:
-        loaders, stages = [], []
-        if self.val_y.shape[1]:
-            members = [TensorLoader(m.val_x, m.val_y, self.eval_batch_size) for m in self.members]
-            loaders.append(PopulationLoader(self.val_x, self.val_y, members))
-            stages.append("val")
-        if self.test_every_epoch:
-            loaders.append(self.test_dataloader())
-            stages.append("test")
-        self.eval_stages = tuple(stages)
-        return loaders[0] if len(loaders) == 1 else loaders
+        members = [TensorLoader(m.val_x, m.val_y, self.eval_batch_size) for m in self.members]
+        return eval_loaders(self, PopulationLoader(self.val_x, self.val_y, members) if self.val_y.shape[1] else None)
 
     def test_dataloader(self) -> TensorLoader:
         return TensorLoader(self.test_x, self.test_y, self.eval_batch_size)  # unstacked: x (B, ...), y (B,)

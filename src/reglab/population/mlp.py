@@ -20,7 +20,7 @@ from torch import nn
 
 from reglab.models.mlp import MLP, HiddenLayer
 from reglab.population.base import (
-    ELEMENTWISE, LINEARS, Population, StackedBatchNorm, StackedLinear, describe, first_difference, norm_settings,
+    ELEMENTWISE, LINEARS, Population, StackedBatchNorm, StackedLinear, common_reason, describe, norm_settings,
     slot_reason, stack_members,
 )
 
@@ -57,18 +57,10 @@ def _signature(net: MLP) -> dict[str, object]:
 
 def fusable(nets: list[nn.Module]) -> str | None:
     """None if these MLPs can be trained as one PopulationMLP, else why not (one line)."""
-    if not nets:
-        return "no members to fuse"
-    for net in nets:
-        if type(net) is not MLP:
-            return f"{type(net).__name__} is not a reglab MLP"
-    reason = first_difference([_signature(net) for net in nets])
+    reason = common_reason(nets, MLP, _signature, _norm_kind, FUSABLE_NORMS)
     if reason:
         return reason
     first = nets[0]
-    kind = _norm_kind(first)
-    if kind not in FUSABLE_NORMS:
-        return f"model.norm={kind} cannot be fused (fusable: {', '.join(FUSABLE_NORMS)})"
     if first.depth and norm_settings(first.hidden[0].norm).startswith("nonstandard"):
         return f"hidden norm {norm_settings(first.hidden[0].norm)} cannot be fused"
     slots = {"input_dropout": first.input_dropout}

@@ -18,7 +18,7 @@ from torch import nn
 
 from reglab.models.resnet import PreActBlock, ResNet18
 from reglab.population.base import (
-    ELEMENTWISE, LINEARS, Population, StackedBatchNorm, StackedLinear, describe, first_difference, norm_settings,
+    ELEMENTWISE, LINEARS, Population, StackedBatchNorm, StackedLinear, common_reason, describe, norm_settings,
     slot_reason, stack_members,
 )
 from reglab.regularization.dropout import SpatialDropout
@@ -57,18 +57,10 @@ def _signature(net: ResNet18) -> dict[str, object]:
 
 def fusable(nets: list[nn.Module]) -> str | None:
     """None if these ResNet18s can be trained as one PopulationResNet18, else why not (one line)."""
-    if not nets:
-        return "no members to fuse"
-    for net in nets:
-        if type(net) is not ResNet18:
-            return f"{type(net).__name__} is not a reglab ResNet18"
-    reason = first_difference([_signature(net) for net in nets])
+    reason = common_reason(nets, ResNet18, _signature, _norm_kind, FUSABLE_NORMS)
     if reason:
         return reason
     first = nets[0]
-    kind = _norm_kind(first)
-    if kind not in FUSABLE_NORMS:
-        return f"model.norm={kind} cannot be fused (fusable: {', '.join(FUSABLE_NORMS)})"
     if norm_settings(first.final_norm).startswith("nonstandard"):
         return f"norm {norm_settings(first.final_norm)} cannot be fused"
     slots = {f"stage_dropout[{i}]": drop for i, drop in enumerate(first.stage_dropout)}
