@@ -46,7 +46,8 @@ def apply(perf_cfg: Mapping[str, Any] | None, trainer_cfg: Mapping[str, Any], ne
     """Set the process-wide matmul precision and prepare `net` in place; returns it."""
     s = settings(perf_cfg, on_gpu(trainer_cfg))
     torch.set_float32_matmul_precision(s["float32_matmul_precision"])
-    if s["channels_last"] and any(isinstance(m, nn.Conv2d) for m in net.modules()):
+    # A conv net: 4-dim kernels (a population's carry the member as one more dim and convert themselves in `to`).
+    if s["channels_last"] and any(p.dim() - getattr(net, "member_dims", 0) == 4 for p in net.parameters()):
         net.to(memory_format=torch.channels_last)  # conv outputs follow the weights' layout
     if s["compile"]:
         net.compile()

@@ -25,12 +25,8 @@ class PopulationSweeper(BasicSweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(params_conf)
         jobs = [list(job) for batch in self.split_arguments(overrides, None) for job in batch]
-        mode = str(OmegaConf.select(self.config, "population.mode", default="off"))
-        if mode not in ("off", "auto", "on"):
-            from reglab.errors import ConfigError
-
-            raise ConfigError(f"population.mode={mode!r} is not one of off, auto, on")
-        if mode != "off":
+        # population.mode other than off (YAML reads an unquoted off as false): members merged into populations
+        if OmegaConf.select(self.config, "population.mode", default="off") not in ("off", False):
             from reglab.population.sweeper import plan
 
             swept = {o.key_or_group.lstrip("+") for o in overrides if o.is_sweep_override()}

@@ -24,6 +24,20 @@ MEMBER_KEYS = ("seed", "data.label_noise", "model.width")  # plain values that l
 SLOT_REGULARIZERS = ("reglab.regularization.dropout.",)
 
 
+MODES = ("off", "auto", "on")
+
+
+def mode(cfg: DictConfig) -> str:
+    """population.mode as a word: YAML reads an unquoted `off`/`on` as false/true."""
+    value = OmegaConf.select(cfg, "population.mode", default="off")
+    value = {False: "off", True: "on"}.get(value, value) if isinstance(value, bool) else str(value)
+    if value not in MODES:
+        from reglab.errors import ConfigError
+
+        raise ConfigError(f"population.mode={value!r} is not one of {', '.join(MODES)}")
+    return value
+
+
 def why_not(cfg: DictConfig) -> str | None:
     """What in a member's config (not its model, which reglab.population.fusable checks) keeps it from sharing a
     step with others, or None."""
@@ -75,6 +89,7 @@ def plan(config: DictConfig, loader, jobs: list[list[str]], swept: set[str]) -> 
     """The sweep's jobs (override lists) with the members of each population merged into one job."""
     from reglab.runs.identity import identity
 
+    mode(config)  # a wrong value: one line, before anything runs
     cfgs = [loader.load_sweep_config(config, job) for job in jobs]
     groups: dict[str, list[int]] = {}
     alone: list[int] = []

@@ -33,7 +33,7 @@ from reglab.config import validate
 from reglab.errors import ConfigError, DivergenceError
 from reglab.population import fusable, fuse
 from reglab.population.data import PopulationDataModule
-from reglab.population.sweeper import why_not
+from reglab.population.sweeper import mode, why_not
 from reglab.runs.identity import identity, without_hydra
 from reglab.runs.logger import build_logger
 from reglab.runs.lookup import discard, find_run
@@ -96,7 +96,7 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
         dms.append(dm)
     reason = why_not(lead) or fusable(nets)
     if reason:
-        if lead.population.mode == "on":
+        if mode(lead) == "on":
             raise ConfigError(f"population.mode=on: these members cannot share a training step ({reason}); use "
                               "population.mode=auto to train them one by one")
         print(f"population: {reason}; training the {len(cfgs)} members one by one", file=sys.stderr)
