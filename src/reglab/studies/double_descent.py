@@ -133,8 +133,10 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
     curve(ax, "test_err", 100, "test error", "tab:red")
     curve(ax, "train_err", 100, "train error (noisy labels)", "tab:blue")
     curve(ax_loss, "test_loss", 1, "test loss", "tab:purple")
-    peaks = ((ax, "test_err", 100, "test-error peak: {:.1f}%"), (ax_loss, "test_loss", 1, "test-loss peak: {:.3f}"))
-    for axis, col, scale, text in peaks:
+    # Legends where the curves are not: error falls from the left, loss is low on the left.
+    peaks = ((ax, "test_err", 100, "test-error peak: {:.1f}%", "lower left"),
+             (ax_loss, "test_loss", 1, "test-loss peak: {:.3f}", "center left"))
+    for axis, col, scale, text, where in peaks:
         if critical is not None:
             axis.axvline(critical, color="gray", ls="--", lw=1,
                          label=f"interpolation threshold (mean train err <= {100 * INTERPOLATED:.0f}%): "
@@ -150,7 +152,7 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
         plain_log_axis(axis.xaxis, list(w))
         axis.set_xlabel("width (log scale)")
         axis.grid(alpha=0.3, which="both")
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=8, loc=where)
     ax.set_ylabel("error (%)")
     ax_loss.set_ylabel("test loss (cross-entropy)")
     fig.suptitle(f"Model-wise double descent: {study}\n{subtitle}", fontsize=10)
