@@ -1,8 +1,9 @@
-"""Shared fixtures: compose configs exactly as scripts/train.py does, and a throwaway MLflow store."""
+"""Shared fixtures: compose configs exactly as scripts/train.py does, and throwaway MLflow stores."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,39 @@ def quick(tmp_root: Path, *overrides: str) -> list[str]:
     return [f"paths.root={tmp_root}", "logger=none", "trainer.max_epochs=2", *overrides]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quiet_libraries():
+    """What scripts/train.py does in each job's process (reglab sets nothing at import), for tests that call
+    reglab.train.run in this one."""
+    from reglab import cli
+
+    cli.quiet_libraries()
+
+
 @pytest.fixture(scope="session")
-def mlflow_uri(tmp_path_factory):
-    """One SQLite store for the session: creating a store runs MLflow's migrations (seconds), so share it."""
+def empty_store(tmp_path_factory) -> Path:
+    """A new SQLite store with its tables. MLflow builds them in 68 migrations, 3-6 s of SQLite commits here, so
+    the session builds them once and `with_store` copies the file where a test only needs a store to exist. Tests of
+    creating a store (test_concurrency, test_faults, test_security) start from nothing."""
+    from reglab.runs import store
+
+    root = tmp_path_factory.mktemp("empty_store")
+    store.resolve(None, root)
+    return root / "mlruns" / "mlflow.db"
+
+
+def with_store(root: Path, empty_store: Path) -> Path:
+    """`root` with the store a first run would create there (paths.root=root), as a copy of `empty_store`."""
+    (root / "mlruns" / "artifacts").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(empty_store, root / "mlruns" / "mlflow.db")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory, empty_store):
+    """One SQLite store for the session, shared by tests that log to experiments of their own."""
     path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    shutil.copyfile(empty_store, path)
     return f"sqlite:///{path}"
 
 

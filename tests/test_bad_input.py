@@ -1,16 +1,19 @@
 """Every row of docs/reliability.md's bad-input table, through the real CLI: one line `error: ...` on stderr naming
 the key or file, exit status 2, and the results folder (a real MLflow store holding a run, and a checkpoint)
-byte-for-byte untouched. Rows that fail in Hydra or validate() take ~0.5 s; the rest load Lightning (~6 s)."""
+byte-for-byte untouched. Rows that fail in Hydra or validate() take ~0.5 s and never import Lightning; the rest load
+it (~6 s of imports each), so the rows run as parallel processes, one per core."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from reglab import tracking
+from conftest import with_store
 from train_cli import train_cli
 
 # (row id, arguments, words the error line must contain). {mnist_ok}, {mnist_truncated}, {mnist_garbled} and
@@ -43,6 +46,11 @@ ROWS = [
      ["augmentation.transforms[0]", "'rotation'", "rotate"]),
     ("target-not-allowed", ["model._target_=os.system", "+model.command=touch pwned"],
      ["model._target_='os.system'", "ALLOWED_TARGETS"]),
+    ("runner-not-allowed", ["runner._target_=os.system", "+runner.command=touch pwned"],
+     ["runner._target_='os.system'", "ALLOWED_TARGETS"]),
+    # A report module, not a runner: no run() to call (reglab.cli.runner, before Lightning loads).
+    ("runner-does-not-exist", ["runner._target_=reglab.studies.double_descent.run"],
+     ["runner._target_='reglab.studies.double_descent.run'"]),
     ("missing-dataset", ["data=mnist", "data.root={empty}", "data.download=false"],
      ["mnist", "{empty}", "data.download=true"]),
     ("truncated-dataset-file", ["data=mnist", "data.root={mnist_truncated}", "data.download=false"],
@@ -50,6 +58,17 @@ ROWS = [
     ("garbled-dataset-file", ["data=mnist", "data.root={mnist_garbled}", "data.download=false"],
      ["mnist", "{mnist_garbled}", "corrupted"]),
 ]
+
+
+# Rows whose error comes after Lightning is imported (the regularizer class, the data module, the augmentation
+# builder): every other row must fail before, in a fraction of a second.
+LOADS_LIGHTNING = {"regularizer-not-for-model", "unknown-augmentation", "unknown-augmentation-argument",
+                   "missing-dataset", "truncated-dataset-file", "garbled-dataset-file"}
+# Put on the CLI's PYTHONPATH: at exit, the process writes the names of the modules it imported.
+MODULES_AT_EXIT = """
+import atexit, os, sys
+atexit.register(lambda: open(os.environ["MODULES_AT_EXIT"], "w").write("\\n".join(sorted(sys.modules))))
+"""
 
 
 def _idx(path: Path, arr: np.ndarray, magic: int) -> None:
@@ -84,13 +103,12 @@ def datasets(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> Path:
+def results(tmp_path_factory, empty_store) -> Path:
     """A results folder in use: an MLflow store with one finished run, and a checkpoint."""
     from mlflow.tracking import MlflowClient
 
-    root = tmp_path_factory.mktemp("results")
-    uri, _ = tracking.store_paths(root)
-    client = MlflowClient(uri)
+    root = with_store(tmp_path_factory.mktemp("results"), empty_store)
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     run = client.create_run(client.create_experiment("reglab"), run_name="earlier")
     client.log_metric(run.info.run_id, "val/loss", 0.5, step=0)
     client.set_terminated(run.info.run_id)
@@ -105,37 +123,56 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("args,expected", [pytest.param(a, e, id=i) for i, a, e in ROWS])
-def test_bad_input_is_one_line_and_writes_nothing(args, expected, datasets, results, tmp_path):
+@pytest.fixture(scope="module")
+def outcomes(datasets, results, tmp_path_factory) -> dict[str, dict]:
+    """Every row through the CLI, as many at once as there are cores; the results folder is hashed before the first
+    and after the last. -> {row id: its expected words, process, imported modules and working folder}."""
+    hook = tmp_path_factory.mktemp("hook")
+    (hook / "sitecustomize.py").write_text(MODULES_AT_EXIT)
+
     def fill(text: str) -> str:
         for name, folder in datasets.items():
             text = text.replace(f"{{{name}}}", folder)
         return text
 
-    args, expected = [fill(a) for a in args], [fill(e) for e in expected]
+    def run(row) -> dict:
+        row_id, args, expected = row
+        cwd = tmp_path_factory.mktemp(row_id)
+        r = train_cli(*map(fill, args), f"paths.root={results}", cwd=cwd, PYTHONPATH=str(hook),
+                      MODULES_AT_EXIT=str(cwd / "modules.txt"))
+        modules = set((cwd / "modules.txt").read_text().split()) if (cwd / "modules.txt").exists() else set()
+        return {"expected": [fill(e) for e in expected], "process": r, "modules": modules, "cwd": cwd}
+
     before = snapshot(results)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        done = dict(zip([row[0] for row in ROWS], pool.map(run, ROWS)))
+    return {"before": before, "after": snapshot(results), **done}
 
-    r = train_cli(*args, f"paths.root={results}", cwd=tmp_path)
 
+@pytest.mark.parametrize("row", [row[0] for row in ROWS])
+def test_bad_input_is_one_line_and_writes_nothing(row, outcomes):
+    r, expected = outcomes[row]["process"], outcomes[row]["expected"]
     assert r.returncode == 2, r.stderr[-3000:]
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
     for word in expected:
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
     assert "Traceback" not in r.stdout + r.stderr
-    assert snapshot(results) == before
-    assert not (tmp_path / "pwned").exists()
+    assert ("lightning" in outcomes[row]["modules"]) == (row in LOADS_LIGHTNING)  # fails fast where it can
+    assert outcomes["after"] == outcomes["before"]  # no row wrote to the results folder
+    assert not (outcomes[row]["cwd"] / "pwned").exists()
 
 
-def test_resuming_from_another_models_checkpoint_is_one_line_and_touches_no_run(tmp_path):
+def test_resuming_from_another_models_checkpoint_is_one_line_and_touches_no_run(tmp_path, empty_store):
     """A study child was killed mid-run (MLflow: RUNNING) and its last.ckpt now holds another model's weights (a
     changed model definition, a copied file). Rerunning the study refuses to resume it, naming the file."""
     import torch
     from mlflow.tracking import MlflowClient
 
-    study = ["+exp=double_descent_mnist1d", "hydra/launcher=basic", "data.train_samples=500", "data.test_samples=200",
-             "model.width=8", "trainer.max_epochs=1", f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep"]
-    first = train_cli(*study, cwd=tmp_path)
+    study = ["+exp=double_descent_mnist1d", "hydra/launcher=basic", "++population.mode=off", "seed=0",
+             "data.train_samples=500", "data.test_samples=200", "model.width=8", "trainer.max_epochs=1",
+             f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep"]  # one job: the child's own last.ckpt
+    first = train_cli(*study, cwd=with_store(tmp_path, empty_store))
     assert first.returncode == 0, first.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("double_descent").experiment_id

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
 from conftest import compose, quick
 
@@ -82,7 +81,6 @@ def test_resuming_from_last_continues_the_latest_epoch(tmp_root):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from reglab import performance
     from reglab.classifier import Classifier
     from reglab.train import build_data, build_model
 
@@ -92,7 +90,7 @@ def test_resuming_from_last_continues_the_latest_epoch(tmp_root):
     dm.setup()
     module = Classifier(build_model(resumed_cfg, dm.input_shape, dm.num_classes),
                         optim=OmegaConf.to_container(resumed_cfg.optim, resolve=True))
-    trainer = instantiate(performance.trainer_config(resumed_cfg.trainer), logger=False, callbacks=[],
+    trainer = instantiate(resumed_cfg.trainer, logger=False, callbacks=[],
                           enable_checkpointing=False, enable_progress_bar=False)
     trainer.fit(module, datamodule=dm, ckpt_path=str(last), weights_only=True)
     reference = torch.load(_files(full)["last.ckpt"], weights_only=True)["state_dict"]
@@ -105,21 +103,3 @@ def test_no_checkpoint_callback_writes_no_checkpoint(tmp_root):
     run(cfg)
     written = list(Path(tmp_root).rglob("*.ckpt"))
     assert written == []  # Lightning would otherwise add its own ModelCheckpoint, writing every epoch
-
-
-@pytest.mark.parametrize("value", ["", None])
-def test_async_mlflow_logging_gets_a_buffer_interval(monkeypatch, tmp_root, mlflow_uri, value):
-    """MLflow's queue hangs on an empty MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS and, without one, waits up to 1 s
-    at each run end; an asynchronous reglab logger sets 1 s (a user's own value is kept)."""
-    from reglab.train import build_logger
-
-    if value is None:
-        monkeypatch.delenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", raising=False)
-    else:
-        monkeypatch.setenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", value)
-    cfg = compose(quick(tmp_root, "logger=mlflow", f"logger.tracking_uri={mlflow_uri}"))
-    assert build_logger(cfg, "x", "fp") is not None
-    assert os.environ["MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"] == "1"
-    monkeypatch.setenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "3")
-    build_logger(cfg, "x", "fp")
-    assert os.environ["MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"] == "3"

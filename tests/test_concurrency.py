@@ -1,11 +1,13 @@
 """Parallel runs into one new SQLite store lose nothing; a sweep logs to a real `mlflow server` over HTTP.
 
-Measured on 2 cores (docs/reliability.md): before reglab.tracking.ensure_sqlite_store, 3 of 4 processes starting on
+Measured on 2 cores (docs/reliability.md): before reglab.runs.store.ensure_sqlite_store, 3 of 4 processes starting on
 a new store crashed in MLflow's table migration ("table alembic_version already exists"); once the store exists,
 MLflow's 20 s SQLite busy timeout absorbed 4 writers without a single "database is locked".
 """
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -13,7 +15,7 @@ from omegaconf import OmegaConf
 
 from conftest import compose
 from mlflow_server import mlflow_server
-from reglab import tracking
+from reglab.runs import store
 from train_cli import TINY, start, train_cli
 
 EPOCHS = 2
@@ -23,7 +25,7 @@ def logged_param_keys(overrides: list[str]) -> set[str]:
     """The params train.run logs for this config: the flattened resolved config plus two measured values (Lightning's
     MLFlowLogger drops empty lists and dicts such as `augmentation.transforms: []`; config.yaml keeps them)."""
     cfg = OmegaConf.to_container(compose(overrides), resolve=True)
-    kept = {k for k, v in tracking.flatten(cfg).items() if v not in ([], {})}
+    kept = {k for k, v in store.flatten(cfg).items() if v not in ([], {})}
     return kept | {"model.params", "data.label_noise_realized"}
 
 
@@ -54,9 +56,10 @@ def test_four_processes_log_to_one_new_sqlite_store(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_logs_to_a_remote_tracking_server(tmp_path):
+def test_sweep_logs_to_a_remote_tracking_server(tmp_path, empty_store):
     local = tmp_path / "client"
     local.mkdir()
+    shutil.copyfile(empty_store, tmp_path / "server.db")  # the server's own store, its tables already built
     with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path) as url:
         common = [*TINY, "trainer.max_epochs=2", f"logger.tracking_uri={url}", "logger.experiment=remote",
                   f"paths.root={local}"]

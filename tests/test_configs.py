@@ -1,20 +1,29 @@
-"""Every config file under conf/ composes and instantiates; parametrized over the files, so a new one is covered."""
+"""Every config file under conf/ composes, passes validation and builds what it names; parametrized over the files,
+so a new one is covered."""
 
 import importlib
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import OmegaConf
 
 from conftest import CONF, compose
-from reglab.errors import DataError
+from reglab import cli, performance
+from reglab.classifier import Classifier
+from reglab.config import validate
+from reglab.errors import ConfigError, DataError
+from reglab.models import MLP
 from reglab.train import build_callbacks, build_data, build_model, build_regularizers
 
 FILES = sorted(p.relative_to(CONF) for p in CONF.rglob("*.yaml") if p.name != "train.yaml")
-# The input each model family is tried on: MLPs on digits-shaped data; ResNets on CIFAR-shaped images.
+# The input each model family is tried on when its dataset's files are not here: MLPs on digits-shaped data, ResNets
+# on CIFAR-shaped images.
 SHAPES = {"MLP": (1, 8, 8), "ResNet18": (3, 32, 32)}
+RESNET_ONLY = {"spatial_dropout"}  # feature-map regularizers: an MLP has none, and says so at start
 
 
 def override_for(rel: Path) -> tuple[list[str], bool]:
@@ -30,6 +39,19 @@ def override_for(rel: Path) -> tuple[list[str], bool]:
     if group == "callbacks" and name != "default":
         return [f"callbacks={name}"], False
     return [f"{group}={name}"], False
+
+
+def first_batch(cfg):
+    """(data module, its first training batch as the model sees it), or (None, None) for a torchvision dataset whose
+    files are not here (tests download nothing): it must say so in one line."""
+    try:
+        dm = build_data(cfg)
+        dm.setup()
+    except DataError as e:
+        assert "\n" not in str(e) and cfg.data.get("dataset"), e
+        return None, None
+    x, y = next(iter(dm.train_dataloader()))
+    return dm, (dm.normalize(x), y)
 
 
 @pytest.mark.parametrize("rel", FILES, ids=[f.as_posix() for f in FILES])
@@ -48,29 +70,43 @@ def test_config_composes_and_instantiates(rel, tmp_path):
         return
     cfg = compose(overrides)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    if cfg.get("runner", "train") != "train":
-        return  # a study runner's own config; its module test runs it
-    try:
-        data = build_data(cfg)
-        assert hasattr(data, "setup")
-    except DataError as e:  # a torchvision dataset whose files are not here (no download in tests): the config
-        assert "\n" not in str(e) and cfg.data.get("dataset")  # is fine, and says so in one line
-    model_name = cfg.model._target_.rsplit(".", 1)[-1]
-    net = build_model(cfg, SHAPES[model_name], 10)
-    for reg in build_regularizers(cfg).values():
-        try:
-            reg.attach(net)
-        except ValueError as e:  # a technique that does not apply to this model says so at start
-            assert str(e) and "\n" not in str(e)
-    for cb in build_callbacks(cfg, tmp_path):
-        assert cb is not None
-    # GPU and DDP trainer files are built on one CPU process here: what is checked is that they construct.
-    cpu_only = {} if torch.cuda.is_available() else {"accelerator": "cpu", "devices": 1, "strategy": "auto"}
-    from reglab import performance
+    validate(cfg)  # every shipped value is valid
+    if cfg.runner._target_ != "reglab.train.run":
+        assert callable(cli.runner(cfg))  # a study runner's own config: the function exists; its module's test runs it
+        return
 
-    performance.settings(cfg.trainer)  # trainer.performance: reglab's switches, checked, not Trainer arguments
-    trainer = instantiate(performance.trainer_config(cfg.trainer), logger=False, enable_progress_bar=False,
-                          default_root_dir=str(tmp_path), **cpu_only)
+    dm, batch = first_batch(cfg)
+    if dm is not None:
+        x, y = batch
+        assert x.dtype == torch.float32 and tuple(x.shape) == (min(cfg.data.batch_size, len(dm.train_y)),
+                                                               *dm.input_shape)
+        assert 0 <= y.min() and y.max() < dm.num_classes
+    shape = dm.input_shape if dm is not None else SHAPES[cfg.model._target_.rsplit(".", 1)[-1]]
+    classes = dm.num_classes if dm is not None else 10
+    net = build_model(cfg, shape, classes)
+    refused = sorted(RESNET_ONLY & set(cfg.get("regularization") or {})) if isinstance(net, MLP) else []
+    if refused:
+        with pytest.raises(ConfigError, match=f"^regularization\\.{refused[0]}: "):
+            Classifier(net, optim=dict(cfg.optim), regularizers=build_regularizers(cfg))
+    else:
+        Classifier(net, optim=dict(cfg.optim), regularizers=build_regularizers(cfg))
+        x = batch[0][:4] if batch is not None else torch.randn(4, *shape)
+        assert net.eval()(x).shape == (len(x), classes)
+
+    # Every callbacks.<name> node is an instance of the class its _target_ names (a progress bar only on a terminal);
+    # a checkpoint writes into the folder it is given.
+    nodes = [node for node in (cfg.get("callbacks") or {}).values() if node is not None]
+    classes_named = [get_class(node._target_) for node in nodes]
+    shown = [c for c in classes_named if sys.stdout.isatty() or not issubclass(c, ProgressBar)]
+    callbacks = build_callbacks(cfg, tmp_path)
+    assert [type(c) for c in callbacks] == shown
+    assert all(c.dirpath == str(tmp_path) for c in callbacks if isinstance(c, ModelCheckpoint))
+
+    # cfg.trainer is exactly Lightning's Trainer arguments; GPU and DDP files are built on one CPU process here.
+    performance.settings(cfg.get("performance"), performance.on_gpu(cfg.trainer))  # reglab's switches: valid
+    cpu_only = {} if torch.cuda.is_available() else {"accelerator": "cpu", "devices": 1, "strategy": "auto"}
+    trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+                          **cpu_only)
     assert trainer.max_epochs == cfg.trainer.max_epochs
 
 
@@ -81,5 +117,6 @@ def test_every_group_option_is_a_listed_file():
         if isinstance(entry, str):
             continue
         (group, option), = entry.items()
+        group = group.removeprefix("override ")  # e.g. `override hydra/sweeper: population`
         for name in option if OmegaConf.is_list(option) else [option]:
             assert (CONF / group / f"{name}.yaml").exists(), f"{group}/{name}.yaml"

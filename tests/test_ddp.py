@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+from train_cli import train_cli
 
 
 @pytest.mark.slow
@@ -17,14 +12,11 @@ def test_ddp_on_two_cpu_processes_logs_one_run(tmp_root, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     experiment = "ddp_two_cpu_processes"
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "CUDA_VISIBLE_DEVICES")}
-    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU even where a GPU is present
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-         "trainer.max_epochs=4", "data=digits", "data.batch_size=32", "model.width=32", f"paths.root={tmp_root}",
-         f"logger.tracking_uri={mlflow_uri}", f"logger.experiment={experiment}", "logger.log_model=false",
-         f"hydra.run.dir={tmp_root}/run"],
-        cwd=tmp_root, env=env, capture_output=True, text=True, timeout=240)
+    out = train_cli("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=4",
+                    "data=digits", "data.batch_size=32", "model.width=32", f"paths.root={tmp_root}",
+                    f"logger.tracking_uri={mlflow_uri}", f"logger.experiment={experiment}", "logger.log_model=false",
+                    f"hydra.run.dir={tmp_root}/run",
+                    cwd=tmp_root, timeout=240, CUDA_VISIBLE_DEVICES="")  # gloo on CPU even where a GPU is present
     assert out.returncode == 0, out.stderr[-3000:]
 
     client = MlflowClient(mlflow_uri)

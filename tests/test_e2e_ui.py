@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import with_store
 from mlflow_server import mlflow_server
 from train_cli import TINY, train_cli
 
@@ -53,7 +54,7 @@ def grid_rows(driver) -> dict[str, str]:
     return rows
 
 
-def test_sweep_shows_parent_children_params_and_metrics_in_the_mlflow_ui(tmp_path):
+def test_sweep_shows_parent_children_params_and_metrics_in_the_mlflow_ui(tmp_path, empty_store):
     if not (CHROMIUM and DRIVER):
         if os.environ.get("REGLAB_REQUIRE_E2E") == "1":
             pytest.fail("chromium and chromedriver are required (apt-get install chromium chromium-driver)")
@@ -64,7 +65,8 @@ def test_sweep_shows_parent_children_params_and_metrics_in_the_mlflow_ui(tmp_pat
     from selenium.webdriver.support.ui import WebDriverWait
 
     r = train_cli("--multirun", "study=ui_demo", *TINY, f"model.width={','.join(map(str, WIDTHS))}",
-                  "trainer.max_epochs=2", "logger.experiment=ui-demo", f"paths.root={tmp_path}", cwd=tmp_path)
+                  "trainer.max_epochs=2", "logger.experiment=ui-demo", f"paths.root={tmp_path}",
+                  cwd=with_store(tmp_path, empty_store))
     assert r.returncode == 0, r.stderr[-3000:]
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     client = MlflowClient(uri)

@@ -1,5 +1,5 @@
-"""Early stopping's after_stop strategies: best step and loss read from the run, `retrain` re-initializes and
-trains on train+validation for exactly i* steps, `continue` resumes from theta*, and all land in MLflow."""
+"""What follows early stopping (`stopping.after_stop`): best step and loss read from the run, `retrain` re-initializes
+and trains on train+validation for exactly i* steps, `continue` resumes from theta*, and all land in MLflow."""
 
 import math
 
@@ -16,15 +16,15 @@ LEAN = ("model.width=32", "optim.lr=0.01", "trainer.max_epochs=6", "callbacks.ea
 def test_bad_strategy_fails_before_training(tmp_root):
     from reglab.train import run
 
-    with pytest.raises(ConfigError, match="callbacks.early_stopping.after_stop='restart'"):
-        run(compose(quick(tmp_root, "callbacks.early_stopping.after_stop=restart")))
+    with pytest.raises(ConfigError, match=r"^stopping\.after_stop='restart' is not one of none, retrain, continue$"):
+        run(compose(quick(tmp_root, "stopping.after_stop=restart")))
 
 
 def test_retrain_needs_the_best_checkpoint_and_says_so_at_start(tmp_root):
     from reglab.train import run
 
     with pytest.raises(ConfigError, match="callbacks.checkpoint"):
-        run(compose(quick(tmp_root, *LEAN, "callbacks.early_stopping.after_stop=retrain", "callbacks.checkpoint=null")))
+        run(compose(quick(tmp_root, *LEAN, "stopping.after_stop=retrain", "callbacks.checkpoint=null")))
 
 
 def test_merge_validation_moves_clean_validation_labels_into_training():
@@ -44,7 +44,7 @@ def test_retrain_trains_best_step_count_on_train_plus_val_and_logs_it(tmp_root, 
 
     from reglab.train import run
 
-    m = run(compose(quick(tmp_root, *LEAN, "callbacks.early_stopping.after_stop=retrain", "logger=mlflow",
+    m = run(compose(quick(tmp_root, *LEAN, "stopping.after_stop=retrain", "logger=mlflow",
                           f"logger.tracking_uri={mlflow_uri}", "logger.experiment=es")))
     client = mlflow.MlflowClient(mlflow_uri)
     run_id = client.search_runs([client.get_experiment_by_name("es").experiment_id])[0].info.run_id
@@ -74,7 +74,7 @@ def test_retrain_starts_from_the_same_initialization(tmp_root, monkeypatch):
         return orig_fit(self, model, *a, **k)
 
     monkeypatch.setattr(early_stopping.L.Trainer, "fit", fit)
-    run(compose(quick(tmp_root, *LEAN, "trainer.max_epochs=2", "callbacks.early_stopping.after_stop=retrain")))
+    run(compose(quick(tmp_root, *LEAN, "trainer.max_epochs=2", "stopping.after_stop=retrain")))
     # Two fits: the first run and the retrain; both start from theta_0 of the same seed.
     assert len(inits) == 2
     assert all(torch.equal(a, b) for a, b in zip(*inits))
@@ -83,13 +83,13 @@ def test_retrain_starts_from_the_same_initialization(tmp_root, monkeypatch):
 def test_continue_resumes_from_theta_star(tmp_root):
     from reglab.train import run
 
-    m = run(compose(quick(tmp_root, *LEAN, "callbacks.early_stopping.after_stop=continue")))
+    m = run(compose(quick(tmp_root, *LEAN, "stopping.after_stop=continue")))
     batches = math.ceil((1294 + 144) / 128)  # train + validation
     assert 0 < m["early_stopping/steps"] <= (m["early_stopping/best_epoch"] + 1) * batches
     assert m["early_stopping/continue_target_loss"] > 0
     # Resuming from theta* (already better than chance) and training on more data does not undo it.
     assert m["early_stopping/test/acc"] > m["test/acc"] - 0.05
-    none = run(compose(quick(tmp_root, *LEAN, "callbacks.early_stopping.after_stop=none")))
+    none = run(compose(quick(tmp_root, *LEAN, "stopping.after_stop=none")))
     assert "early_stopping/test/acc" not in none and none["early_stopping/best_step"] > 0
 
 
@@ -101,9 +101,9 @@ def test_catalogue_on_gpu(tmp_root):
     from reglab.train import run
 
     m = run(compose(quick(tmp_root, "trainer=gpu", *LEAN, "regularization=[awd_lstm_style,max_norm]",
-                          "augmentation=digits_safe", "callbacks.early_stopping.after_stop=continue")))
+                          "augmentation=digits_safe", "stopping.after_stop=continue")))
     assert m["val/acc"] > 0.4 and math.isfinite(m["early_stopping/test/loss"])
     m = run(compose(quick(tmp_root, "trainer=gpu", "model=resnet18", "model.width=4", "trainer.max_epochs=3",
                           "regularization=[spatial_dropout,dropout_classic,l1_proximal]",
-                          "callbacks.early_stopping.after_stop=retrain")))
+                          "stopping.after_stop=retrain")))
     assert m["early_stopping/steps"] == m["early_stopping/best_step"] and math.isfinite(m["params/l1"])

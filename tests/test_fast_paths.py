@@ -1,5 +1,5 @@
-"""The fast paths compute what the reference paths compute: the batched on-device cifar_standard against the
-Albumentations pipeline, and packed training against each model trained alone."""
+"""The fast path computes what the reference path computes: the batched on-device cifar_standard against the
+Albumentations pipeline."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
+from conftest import CONF
 from reglab.data.augmentation import build_pipeline
 from reglab.data.device_augment import PadCropFlip, from_specs
-from tests.conftest import CONF, compose
 
 CIFAR_STANDARD = yaml.safe_load((CONF / "augmentation" / "cifar_standard.yaml").read_text())["transforms"]
 N = 3000
@@ -126,100 +126,3 @@ def test_device_aug_on_cuda_matches_cpu_for_same_params(device_aug):
     cpu = device_aug.apply(x, dy, dx, flip)
     cuda = device_aug.apply(x.cuda(), dy.cuda(), dx.cuda(), flip.cuda())
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=0)
-
-
-# --- packed sweeps ------------------------------------------------------------------------------------------------
-WIDTHS = [3, 8, 40]
-
-
-def pack_overrides(tmp_root, *extra: str) -> list[str]:
-    return [f"paths.root={tmp_root}", "logger=none", "data=mnist1d", "data.train_samples=200",
-            "data.test_samples=100", "data.val_fraction=0.0", "++data.test_every_epoch=true", "data.batch_size=50",
-            "optim=sgd", "optim.lr=0.05", "optim.momentum=0.9", "trainer.max_epochs=3",
-            "callbacks.early_stopping=null", "callbacks.checkpoint=null", *extra]
-
-
-def train_alone(cfg) -> torch.nn.Module:
-    """The model as train.run builds and trains it (seed, data, model, Classifier, Trainer), minus logging."""
-    import lightning as L
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from reglab import performance
-    from reglab.classifier import Classifier
-    from reglab.train import build_data, build_model
-
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = build_data(cfg)
-    dm.setup()
-    net = build_model(cfg, dm.input_shape, dm.num_classes)
-    module = Classifier(net, optim=OmegaConf.to_container(cfg.optim, resolve=True))
-    trainer = instantiate(performance.trainer_config(cfg.trainer), logger=False, callbacks=[],
-                          enable_checkpointing=False,
-                          enable_progress_bar=False, default_root_dir=str(cfg.paths.root))
-    trainer.fit(module, datamodule=dm)
-    return net
-
-
-def test_packed_models_end_with_the_weights_they_get_alone(tmp_root):
-    """Three widths trained packed (one block-diagonal network) for 3 epochs of SGD + momentum end where each
-    ends alone. Tolerance 1e-6 absolute (observed: ~3e-8, a few float32 ulps): the only difference is the float
-    summation order inside matmuls of different shapes; the math (gradients, updates) is the same."""
-    from reglab.packed_sweep import train_pack
-
-    cfgs = [compose(pack_overrides(tmp_root, f"model.width={w}")) for w in WIDTHS]
-    packed = train_pack(cfgs, root_dir=str(tmp_root))
-    moved = 0.0
-    for cfg, result in zip(cfgs, packed):
-        alone = train_alone(cfg)
-        for (name, a), (_, p) in zip(alone.state_dict().items(), result["net"].state_dict().items()):
-            torch.testing.assert_close(p, a, rtol=0, atol=1e-6, msg=f"width {cfg.model.width}: {name}")
-        torch.manual_seed(cfg.seed)
-        init = type(alone)((40,), 10, cfg.model.width, 2)
-        moved = max(moved, max((p - i).abs().max().item() for p, i in
-                               zip(result["net"].state_dict().values(), init.state_dict().values())))
-    assert moved > 1e-2  # the weights did train (the comparison is not between two untouched inits)
-    assert all(0.0 <= r["test/err"] <= 1.0 for r in packed)
-
-
-def test_pack_plan_groups_small_widths_and_keeps_big_ones_apart():
-    from reglab.packed import plan_groups
-
-    widths = [2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128, 192, 300]
-    plan = plan_groups(widths, depth=2, in_features=40, classes=10, device="cpu")
-    assert sorted(i for g in plan for i in g) == list(range(len(widths)))
-    assert len(plan[0]) >= 8 and plan[-1] == [widths.index(300)]
-    assert plan_groups(widths, 2, 40, 10, device="cuda") == [list(range(len(widths)))]
-
-
-def test_packed_sweep_children_land_in_mlflow_as_the_jobs_would(tmp_root, mlflow_uri, monkeypatch):
-    """run_packed trains a study's widths together; each width is its own child run of the study's parent, with
-    the fingerprint, parameters and per-epoch metrics its own job would log; the job then finds it done."""
-    from mlflow.tracking import MlflowClient
-
-    from reglab import sweep, tracking
-    from reglab.packed_sweep import expand_grid, run_packed
-    from reglab.train import run
-
-    axes = {"model.width": "3,8"}
-    cfg = compose(["+exp=double_descent_mnist1d", *pack_overrides(tmp_root), "logger=mlflow",
-                   f"logger.tracking_uri={mlflow_uri}", "logger.experiment=packed-test", "trainer.max_epochs=2"])
-    monkeypatch.setenv(sweep.ENV_PARENT, sweep.open_parent(cfg, axes))
-    assert run_packed(cfg, axes) == 2
-    client = MlflowClient(mlflow_uri)
-    parent = client.get_run(__import__("os").environ[sweep.ENV_PARENT])
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(int(c.data.params["model.width"]) for c in children) == [3, 8]
-    jobs = {int(j.model.width): j for j in expand_grid(cfg, axes)}
-    for child in children:
-        job = jobs[int(child.data.params["model.width"])]
-        assert child.info.status == "FINISHED"
-        assert child.data.tags["fingerprint"] == tracking.fingerprint(job)
-        for key in ("train/err", "train/loss", "test/err", "params/l2"):
-            steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
-            assert sorted(steps) == ([0, 1, 2] if key.startswith("test") else [0, 1]), key
-        assert float(child.data.metrics["model/params"]) == float(child.data.params["model.params"])
-        assert any(a.path == "config.yaml" for a in client.list_artifacts(child.info.run_id))
-        done = run(job)  # what the job would do: find its child finished and return its metrics
-        assert done["test/err"] == child.data.metrics["test/err"]

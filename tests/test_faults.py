@@ -6,17 +6,15 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import compose, quick
-from reglab import tracking
+from conftest import compose, quick, with_store
 from reglab.errors import DivergenceError
-from train_cli import SCRIPT, TINY, train_cli, train_env
+from train_cli import TINY, train_cli
 
 
 def only_error_line(stderr: str) -> str:
@@ -89,9 +87,8 @@ def _disk_fills_at(limit: int):
 
 def test_disk_full_while_creating_the_store_leaves_no_half_written_store(tmp_path):
     results = tmp_path / "results"
-    r = subprocess.run([sys.executable, str(SCRIPT), *TINY, f"paths.root={results}"], cwd=tmp_path,
-                       env=train_env(), capture_output=True, text=True, timeout=120,
-                       preexec_fn=_disk_fills_at(256 * 1024))  # the new store needs ~1 MB
+    r = train_cli(*TINY, f"paths.root={results}", cwd=tmp_path,
+                  preexec_fn=_disk_fills_at(256 * 1024))  # the new store needs ~1 MB
     assert r.returncode == 2
     line = only_error_line(r.stderr)
     assert "paths.root" in line and str(results / "mlruns") in line
@@ -114,14 +111,12 @@ def _read_only_prefix(folder: Path) -> list[str]:
     return [unshare, "-m", "sh", "-c", script, str(folder)]
 
 
-def test_read_only_results_folder_is_one_line_and_untouched(tmp_path):
-    results = tmp_path / "results"
-    tracking.store_paths(results)  # a store from earlier runs
+def test_read_only_results_folder_is_one_line_and_untouched(tmp_path, empty_store):
+    results = with_store(tmp_path / "results", empty_store)  # a store from earlier runs
     before = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
     prefix = _read_only_prefix(results)
     try:
-        r = subprocess.run([*prefix, sys.executable, str(SCRIPT), *TINY, f"paths.root={results}"], cwd=tmp_path,
-                           env=train_env(), capture_output=True, text=True, timeout=120)
+        r = train_cli(*TINY, f"paths.root={results}", cwd=tmp_path, prefix=prefix)
     finally:
         for p in [results, *results.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
@@ -132,11 +127,13 @@ def test_read_only_results_folder_is_one_line_and_untouched(tmp_path):
 
 
 # --- a sweep with a failing job ------------------------------------------------------------------------------------
-STUDY = ["+exp=double_descent_mnist1d", "hydra/launcher=basic", "data.train_samples=1000", "data.test_samples=500",
-         "model.width=8", "trainer.max_epochs=2"]
+# One job per configuration (populations, several configurations in one job, have tests of their own).
+STUDY = ["+exp=double_descent_mnist1d", "hydra/launcher=basic", "++population.mode=off", "seed=0",
+         "data.train_samples=1000", "data.test_samples=500", "model.width=8", "trainer.max_epochs=2"]
 
 
-def test_a_diverging_sweep_job_fails_alone_and_the_report_says_so(tmp_path):
+def test_a_diverging_sweep_job_fails_alone_and_the_report_says_so(tmp_path, empty_store):
+    with_store(tmp_path, empty_store)
     r = train_cli(*STUDY, "optim.lr=0.05,1e30", f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep",
                   cwd=tmp_path)
     assert r.returncode == 2
@@ -156,8 +153,9 @@ def test_a_diverging_sweep_job_fails_alone_and_the_report_says_so(tmp_path):
     report = tmp_path / "results" / "double_descent_mnist1d"
     md = (report / "modelwise.md").read_text()
     assert "Left out: 1 child run(s) that did not finish." in md
-    assert "optim.lr=1e+30: FAILED, divergence: train/loss is nan" in md
+    (left_out,) = [line for line in md.splitlines() if line.startswith("- ") and "optim.lr=1e+30" in line]
+    assert ": FAILED, divergence: train/loss is nan" in left_out  # its swept values, its status and why
     import csv
 
     (row,) = csv.DictReader((report / "modelwise.csv").open())  # width 8, from the finished run alone
-    assert row["width"] == "8" and row["seeds"] == "1"
+    assert row["width"] == "8" and row["n"] == "1"

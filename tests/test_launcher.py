@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from conftest import CONF, compose
@@ -16,8 +15,7 @@ from omegaconf import OmegaConf
 
 from reglab import launcher
 from reglab.errors import ConfigError
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+from train_cli import train_cli
 
 
 def test_slots_fill_every_gpu_before_packing_a_second_job_and_free_on_close(tmp_path):
@@ -83,13 +81,26 @@ def test_cpu_threads_split_the_cores(monkeypatch):
 
 
 def test_ddp_inside_a_multirun_is_refused_with_one_line(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out = subprocess.run([sys.executable, str(SCRIPT), "-m", "trainer=ddp", "model.width=4,8", "logger=none",
-                          f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = train_cli("-m", "trainer=ddp", "model.width=4,8", "logger=none", f"paths.root={tmp_path}",
+                    f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: trainer=ddp cannot run inside a multirun")
     assert "Launching jobs" not in out.stdout + out.stderr  # refused before any job started
+
+
+def test_a_job_that_cannot_start_stops_the_sweep_with_one_line(monkeypatch, capsys):
+    """Hydra turns an exception raised in a callback into a warning and starts the job anyway (a DDP job would
+    re-launch the sweep; a job without a GPU slot would share one): JobResources exits instead."""
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(mode=RunMode.MULTIRUN, launcher={})))
+    with pytest.raises(SystemExit) as stopped:
+        launcher.JobResources().on_job_start(compose(["trainer=ddp"]))
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.startswith("error: trainer=ddp cannot run inside a multirun")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml")))
@@ -104,6 +115,6 @@ def test_launcher_configs_compose(name):
 
 
 def test_launcher_keys_do_not_change_the_fingerprint():
-    from reglab.tracking import fingerprint
+    from reglab.runs import identity
 
-    assert fingerprint(compose(["launcher.jobs_per_gpu=4"])) == fingerprint(compose([]))
+    assert identity(compose(["launcher.jobs_per_gpu=4"])) == identity(compose([]))

@@ -19,10 +19,20 @@ RECOMPUTED = torch.tensor([[0.3906, -1.3411, -1.3411], [-1.1717, 1.3411, 1.3411]
 
 
 def test_lecture_batch_norm_example():
-    bn = nn.BatchNorm1d(3)  # what make_norm("batch", 3, spatial=False) builds
-    assert isinstance(make_norm("batch", 3, spatial=False), nn.BatchNorm1d)
+    """The slide's mini-batch through the batch norm of an MLP's hidden layer (model.norm=batch), whose linear map is
+    set to the identity so the norm sees the slide's numbers."""
+    net = MLP((3,), 2, width=3, depth=1, norm="batch", norm_position="pre")
+    layer = net.hidden[0]
+    with torch.no_grad():
+        layer.linear.weight.copy_(torch.eye(3))
+        layer.linear.bias.zero_()
+    bn = layer.norm
+    assert isinstance(bn, nn.BatchNorm1d) and bn.eps == 1e-5
     assert torch.equal(bn.weight, torch.ones(3)) and torch.equal(bn.bias, torch.zeros(3))  # gamma=1, beta=0
-    out = bn.train()(BATCH).detach()
+    seen = []
+    bn.register_forward_hook(lambda module, inputs, output: seen.append(output.detach()))
+    net.train()(BATCH)
+    (out,) = seen
     torch.testing.assert_close(out, RECOMPUTED, atol=0.01, rtol=0)
     torch.testing.assert_close(out.mean(0), torch.zeros(3), atol=1e-6, rtol=0)  # each column: mean 0
     torch.testing.assert_close(out.var(0, unbiased=False), torch.ones(3), atol=1e-3, rtol=0)  # variance 1

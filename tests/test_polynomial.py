@@ -11,7 +11,7 @@ from conftest import compose
 
 from reglab.models.polynomial import design_matrix, e_rms, fit_gd, lasso_cd, lasso_kkt_violation, ridge_lstsq
 from reglab.studies.polynomial import sample
-from reglab.train import main
+from reglab.cli import runner
 
 NEG_INF = -math.inf
 
@@ -95,7 +95,7 @@ def test_preset_runs_end_to_end_into_mlflow(tmp_root, mlflow_uri):
 
     cfg = compose(["+exp=polynomial", f"paths.root={tmp_root}", f"logger.tracking_uri={mlflow_uri}",
                    "logger.experiment=test_polynomial", *REDUCED])
-    metrics = main(cfg)
+    metrics = runner(cfg)(cfg)  # what scripts/train.py calls: the preset's runner._target_
     out = tmp_root / "results" / "polynomial"
     assert all((out / name).stat().st_size > 0 for name in OUTPUTS)
     assert metrics["train/E_rms/M9"] < 1e-6 < metrics["test/E_rms/M9"]
@@ -112,7 +112,7 @@ def test_preset_runs_end_to_end_into_mlflow(tmp_root, mlflow_uri):
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"fig1_4_fits.png", "table1_2_coefficients_by_lnlambda.md"} <= artifacts
 
-    main(cfg)  # a rerun reuses the parent and adds no duplicate children
+    runner(cfg)(cfg)  # a rerun reuses the parent and adds no duplicate children
     assert len(client.search_runs([exp.experiment_id], "tags.`reglab.role` = 'parent'")) == 1
     again = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert len(again) == len(children)

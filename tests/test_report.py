@@ -1,18 +1,17 @@
-"""The double-descent report: numbers (mean/std over seeds, interpolation threshold) from a synthetic MLflow study,
-every file written locally and to the parent run, and the report script's errors."""
+"""The double-descent report: numbers (mean and standard error over seeds, interpolation threshold) from a synthetic
+MLflow study, every file written locally and to the parent run, and the report script's errors."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import compose
 
-from reglab import tracking
+from reglab.runs import study as runs_study
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "report.py"
 EPOCHS = 6
@@ -20,15 +19,22 @@ EPOCHS = 6
 FINAL = {2: (0.50, 0.40), 8: (0.005, 0.60), 32: (0.0, 0.30)}
 
 
+def study_config(uri: str, study: str, *overrides: str):
+    """The MNIST-1D double-descent preset renamed `study`, logging to `uri` (the report is the preset's)."""
+    return compose(["+exp=double_descent_mnist1d", f"study={study}", f"logger.tracking_uri={uri}",
+                    "logger.experiment=report_test", *overrides])
+
+
 def make_study(uri: str, study: str) -> str:
     """A parent with one child per (width, seed) whose histories descend linearly to FINAL."""
-    client, exp = tracking.client_and_experiment(uri, ".", "report_test")
-    parent = tracking.study_parent(client, exp, study, study_key=uuid.uuid4().hex)
-    client.set_tag(parent, "reglab.report", "double_descent")
-    client.log_text(parent, "data:\n  _target_: reglab.data.MNIST1DDataModule\n  label_noise: 0.15\n", "config.yaml")
+    from reglab.runs import store
+
+    cfg = study_config(uri, study)
+    client, exp, _ = store.experiment(cfg)
+    parent = runs_study.open_parent(cfg, {"model.width": ",".join(map(str, FINAL)), "seed": "0,1"})
     for width, (train_final, test_final) in FINAL.items():
         for seed in (0, 1):
-            run = client.create_run(exp, tags=tracking.child_tags(parent, study)).info.run_id
+            run = client.create_run(exp, tags=runs_study.child_tags(parent, study)).info.run_id
             client.log_param(run, "model.width", width)
             client.log_param(run, "seed", seed)
             client.log_param(run, "model.params", width * 100)
@@ -39,7 +45,7 @@ def make_study(uri: str, study: str) -> str:
                 client.log_metric(run, "test/err", test + frac * (0.9 - test), step=step)
             client.log_metric(run, "test/err", test, step=EPOCHS)  # the final trainer.test, one step past
             client.set_terminated(run)
-    unfinished = client.create_run(exp, tags=tracking.child_tags(parent, study)).info.run_id
+    unfinished = client.create_run(exp, tags=runs_study.child_tags(parent, study)).info.run_id
     client.log_param(unfinished, "model.width", 64)  # still running: not in the report
     client.log_metric(unfinished, "train/err", 0.1, step=0)
     client.log_metric(unfinished, "test/err", 0.1, step=0)
@@ -48,24 +54,25 @@ def make_study(uri: str, study: str) -> str:
 
 @pytest.fixture(scope="module")
 def report_dir(mlflow_uri, tmp_path_factory):
-    from reglab.sweep import write_report
-
     root = tmp_path_factory.mktemp("report")
     parent = make_study(mlflow_uri, "synthetic_dd")
+    # The report the parent names (tag reglab.report), not the config's: this config names none.
     cfg = compose(["study=synthetic_dd", f"paths.root={root}", f"logger.tracking_uri={mlflow_uri}",
                    "logger.experiment=report_test"])
-    out = write_report(cfg)
+    out = runs_study.write_report(cfg)
+    assert out == root / "results" / "synthetic_dd"
     return out, parent
 
 
-def test_modelwise_table_is_mean_and_std_over_seeds(report_dir):
+def test_modelwise_table_is_mean_and_standard_error_over_seeds(report_dir):
     out, _ = report_dir
     t = pd.read_csv(out / "modelwise.csv").set_index("width")
     assert list(t.index) == [2, 8, 32]  # the unfinished width-64 child is left out
-    assert (t["seeds"] == 2).all() and (t["epochs"] == EPOCHS).all()
+    assert (t["n"] == 2).all() and (t["epochs"] == EPOCHS).all()
     for width, (train_final, test_final) in FINAL.items():
         assert t.loc[width, "test_err_mean"] == pytest.approx(test_final)
-        assert t.loc[width, "test_err_std"] == pytest.approx(0.02)
+        # seeds at test_final +- 0.02: sample std (ddof=1) 0.02 * sqrt(2), over sqrt(n = 2)
+        assert t.loc[width, "test_err_se"] == pytest.approx(0.02)
         assert t.loc[width, "train_err_mean"] == pytest.approx(train_final)
         assert t.loc[width, "params"] == width * 100
     # Width 8 is the first whose train error is <= 1%: the interpolation threshold, where the test error peaks.
@@ -111,3 +118,18 @@ def test_report_script_names_a_missing_study_in_one_line(tmp_root, mlflow_uri):
                           f"logger.tracking_uri={mlflow_uri}"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: study='no_such_study': no parent run in this MLflow store (run the sweep first)"
+
+
+def test_a_report_target_from_the_store_must_be_on_the_allowlist(tmp_path, mlflow_uri):
+    """A store may have been shared: the parent's reglab.report tag is checked like a config's _target_."""
+    from mlflow.tracking import MlflowClient
+
+    from reglab.errors import ConfigError
+
+    parent = make_study(mlflow_uri, "shared_dd")
+    MlflowClient(mlflow_uri).set_tag(parent, "reglab.report", "os.system")
+    cfg = compose(["study=shared_dd", f"paths.root={tmp_path}", f"logger.tracking_uri={mlflow_uri}",
+                   "logger.experiment=report_test"])
+    with pytest.raises(ConfigError, match=r"^report\._target_='os\.system' is not allowed"):
+        runs_study.write_report(cfg, parent)
+    assert not (tmp_path / "results").exists()

@@ -23,8 +23,12 @@ def study(tmp_path_factory, mlflow_uri):
 
 
 def _arm(run) -> str:
-    after = run.data.params.get("callbacks.early_stopping.after_stop")
-    return {None: "final", "none": "best"}.get(after, after)
+    """The arm from the child's logged config, read here independently of the report's own reading."""
+    params = run.data.params
+    if "callbacks.early_stopping.monitor" not in params:  # stopping=final removes the callback
+        return "final"
+    after = params["stopping.after_stop"]
+    return {"none": "best"}.get(after, after)
 
 
 def _val_loss(client, run) -> np.ndarray:

@@ -68,7 +68,7 @@ def test_presets_sweep_their_axis_without_dash_m_and_say_what_they_cost(name):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose("train", overrides=[f"+exp={name}"], return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and PRESETS[name] in cfg.hydra.sweeper.params
-    assert cfg.study == name and cfg.report == "regularization_grid"
+    assert cfg.study == name and cfg.report._target_ == "reglab.studies.regularization_grid.report"
     assert cfg.callbacks.early_stopping is None and cfg.data.label_noise > 0
 
 

@@ -89,11 +89,79 @@ def test_invalid_values_name_their_key(tmp_root, override, key):
         run(compose(quick(tmp_root, override)))
 
 
-def test_runner_must_name_a_study_with_a_run_function(tmp_root):
+def test_runner_is_the_function_its_target_names(tmp_root):
+    from reglab import cli
     from reglab.errors import ConfigError
-    from reglab.train import main, study_runners
+    from reglab.studies import polynomial
 
-    assert {"polynomial", "bias_variance"} <= set(study_runners())
-    assert "double_descent" not in study_runners()  # a report module, not a runner
-    with pytest.raises(ConfigError, match="runner='double_descent'"):
-        main(compose(quick(tmp_root, "runner=double_descent")))
+    assert cli.runner(compose(quick(tmp_root))) is run  # conf/train.yaml: one Classifier fit
+    assert cli.runner(compose(["+exp=polynomial"])) is polynomial.run  # a study preset names its own
+    # double_descent has a report(), no run(): one line naming the key (the CLI rows are in test_bad_input.py)
+    with pytest.raises(ConfigError, match=r"^runner\._target_='reglab\.studies\.double_descent\.run': [^\n]*$"):
+        cli.runner(compose(quick(tmp_root, "runner._target_=reglab.studies.double_descent.run")))
+
+
+class BuggyNet(torch.nn.Module):
+    """A model whose constructor has a bug (not a wrong value in the config)."""
+
+    def __init__(self, input_shape, num_classes, **arguments):
+        super().__init__()
+        raise RuntimeError("a bug in the model's code")
+
+
+def test_a_wrong_argument_is_one_line_naming_the_key_and_a_bug_keeps_its_traceback():
+    from reglab import cli
+    from reglab.errors import ConfigError, ReglabError
+    from reglab.train import build_model, build_regularizers
+
+    with pytest.raises(ConfigError, match=r"^model: .*model\.width[^\n]*$"):  # the constructor's ValueError
+        build_model(compose(["model.width=0"]), (1, 8, 8), 10)
+    with pytest.raises(ConfigError, match=r"^model: .*unexpected keyword argument 'widht'[^\n]*$"):  # a TypeError
+        build_model(compose(["+model.widht=4"]), (1, 8, 8), 10)
+    # reglab's own error passes through as raised (the CLI's validate() names the full key before this runs)
+    with pytest.raises(ConfigError, match=r"^keep_prob=1\.5 must be a probability"):
+        build_regularizers(compose(["regularization=[dropout]", "regularization.dropout.keep_prob=1.5"]))
+
+    cfg = compose([])
+    cfg.model._target_ = f"{__name__}.BuggyNet"
+    with pytest.raises(RuntimeError, match="a bug in the model's code") as bug:
+        build_model(cfg, (1, 8, 8), 10)
+    assert not isinstance(bug.value, ReglabError) and bug.traceback[-1].name == "__init__"  # raised where it was
+    assert cli.one_line(bug.value, Path("conf")) is None  # so the CLI shows the traceback, not an `error:` line
+
+
+def test_importing_reglab_train_changes_no_process_wide_setting():
+    """Logging levels, warning filters and environment variables are the CLI's to set, per job
+    (reglab.cli.quiet_libraries), never an import's. The libraries reglab imports at module level are imported first:
+    what they do on import is theirs."""
+    import ast
+    import json
+    import subprocess
+    import sys
+
+    src = Path(__file__).resolve().parents[1] / "src" / "reglab"
+    imports = sorted({ast.unparse(node) for path in src.rglob("*.py") for node in ast.parse(path.read_text()).body
+                      if isinstance(node, ast.Import) and not any(a.name.startswith("reglab") for a in node.names)
+                      or isinstance(node, ast.ImportFrom) and node.level == 0
+                      and not (node.module or "").startswith(("reglab", "__future__"))})
+    code = "\n".join([
+        "import json, logging, os, warnings",
+        "import reglab  # its no-network variables (tests/test_security.py), set before any library loads",
+        *imports,
+        "def state():",
+        "    loggers = logging.root.manager.loggerDict.items()",
+        "    levels = {n: l.level for n, l in loggers if isinstance(l, logging.Logger)}",
+        "    return {'levels': {**levels, 'root': logging.root.level}, 'filters': [repr(f) for f in warnings.filters],",
+        "            'environ': dict(os.environ)}",
+        "before = state()",
+        "import reglab.cli, reglab.train, reglab.runs.logger, reglab.runs.study",
+        "after = state()",
+        "print(json.dumps({k: [before[k], after[k]] for k in before if before[k] != after[k]}))",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    changed = json.loads(out.stdout.strip().splitlines()[-1])
+    if "levels" in changed:  # loggers created by the import start at NOTSET; only a changed level counts
+        before, after = changed.pop("levels")
+        assert {k: v for k, v in after.items() if before.get(k, 0) != v} == {}
+    assert changed == {}

@@ -4,9 +4,13 @@ user's shell and no proxy for loopback servers."""
 from __future__ import annotations
 
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
 # Small enough that a run (5 s of imports included) takes seconds on 2 cores, big enough to learn something.
@@ -24,9 +28,48 @@ def start(*args: str, cwd: Path, **extra_env: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def train_cli(*args: str, cwd: Path, timeout: float = 120, **extra_env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=train_env(**extra_env),
-                          capture_output=True, text=True, timeout=timeout)
+def logged_epoch(root: Path) -> int:
+    """The highest `reglab.logged_epoch` tag in the store under `root` (-1: none yet): the epoch a run's history is
+    complete through, as resuming reads it (reglab/runs/lookup.py). Read with sqlite3, cheap enough to poll every few
+    milliseconds without taking a core from the run being watched. (Not the metrics themselves: MLflow commits a
+    batch's metrics before its tags, and a kill between the two leaves a history that may not be resumed.)"""
+    db = root / "mlruns" / "mlflow.db"
+    if not db.exists():
+        return -1
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            row = con.execute("select max(cast(value as integer)) from tags where key = ?",
+                              ("reglab.logged_epoch",)).fetchone()
+    except sqlite3.OperationalError:  # store still being created
+        return -1
+    return -1 if row[0] is None else row[0]
+
+
+def kill_once_logged(*args: str, root: Path, epoch: int, timeout: float = 180) -> int:
+    """The CLI (paths.root=root) in the background, killed with SIGKILL (no cleanup at all) once the store holds
+    every epoch through `epoch` and a run has a last.ckpt to resume from (an epoch's metrics reach the store before
+    its checkpoint is written); returns logged_epoch(root) then. Its output is in <root>/killed.log (a file: a pipe
+    nobody reads could fill and stop it)."""
+    def due() -> bool:
+        return logged_epoch(root) >= epoch and any(root.glob("outputs/checkpoints/*/last.ckpt"))
+
+    with open(root / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, f"paths.root={root}"], cwd=root,
+                                env=train_env(), stdout=log, stderr=log)
+        deadline = time.time() + timeout
+        while not due() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return logged_epoch(root)
+
+
+def train_cli(*args: str, cwd: Path, timeout: float = 120, prefix: Sequence[str] = (),
+              preexec_fn: Callable[[], Any] | None = None, **extra_env: str) -> subprocess.CompletedProcess:
+    """`prefix`: a command that runs the CLI (e.g. in a mount namespace of its own); `preexec_fn`: runs in the child
+    before the CLI starts (e.g. a resource limit)."""
+    return subprocess.run([*prefix, sys.executable, str(SCRIPT), *args], cwd=cwd, env=train_env(**extra_env),
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
 
 
 def run_study(root: Path, tracking_uri: str, experiment: str, study: str, *args: str, timeout: float = 300):

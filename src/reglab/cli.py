@@ -139,6 +139,13 @@ def fail(line: str) -> NoReturn:
     sys.exit(EXIT_USER_ERROR)
 
 
+def stop(error: ReglabError) -> NoReturn:
+    """A user error inside a Hydra callback that must stop the sweep (DDP inside a multirun, no GPU slot left): Hydra
+    turns an exception raised in a callback into a warning and goes on (hydra/_internal/callbacks.py), so exit with
+    the one line instead; SystemExit is not an Exception."""
+    fail(_first_lines(str(error)))
+
+
 def run_job(task: Callable[[Any], Any], cfg: Any, conf_dir: Path) -> Any:
     """Inside a Hydra job. A user error ends a single run with one line. In a multirun it is printed with the
     job's number, written to <job folder>/error.txt and the job returns None: Hydra skips the study's report

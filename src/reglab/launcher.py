@@ -114,8 +114,13 @@ class JobResources(Callback):
         hc = HydraConfig.get()
         if hc.mode != RunMode.MULTIRUN:
             return
-        refuse_ddp_in_multirun(config)
-        assign_gpu(config)
+        from reglab.cli import stop
+
+        try:
+            refuse_ddp_in_multirun(config)
+            assign_gpu(config)
+        except ConfigError as e:
+            stop(e)
         import torch
 
         n_jobs = int(hc.launcher.get("n_jobs") or 1)  # joblib: -1 = all cores, -2 = all but one, ...

@@ -104,7 +104,7 @@ class InMemoryDataModule(L.LightningDataModule):
         # device is known; loading and splitting happen once.
         if not self._ready:
             self._load_and_split()
-        device = self._target_device()
+        device = target_device(self)
         if device is not None and self.train_x.device != device:
             for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "mean", "std"):
                 setattr(self, k, getattr(self, k).to(device))
@@ -134,9 +134,6 @@ class InMemoryDataModule(L.LightningDataModule):
         self.mean = torch.tensor(a.mean).view(view)
         self.std = torch.tensor(a.std).view(view)
         self._ready = True
-
-    def _target_device(self) -> torch.device | None:
-        return target_device(self)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -114,9 +114,13 @@ class StudyCallback(Callback):
     """Hydra callback (conf/train.yaml): opens a study's parent before its jobs, reports after them."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from reglab.cli import stop
         from reglab.launcher import refuse_ddp_in_multirun
 
-        refuse_ddp_in_multirun(config)
+        try:
+            refuse_ddp_in_multirun(config)
+        except ConfigError as e:
+            stop(e)
         if config.get("study"):
             os.environ[ENV_PARENT] = open_parent(config, sweep_axes(config.hydra))
 
