@@ -68,8 +68,21 @@ class Checkpoint(ModelCheckpoint):
     def _should_skip_saving_checkpoint_at_end(self, trainer) -> bool:
         return bool(trainer.fast_dev_run) or trainer.sanity_checking
 
+    @staticmethod
+    def _history_first(trainer) -> None:
+        """The run's stored history must never be behind last.ckpt (resuming needs every epoch up to the
+        checkpoint's in the store: reglab/runs/lookup.py): write the epochs the loggers hold before making it
+        current. With save_on_train_epoch_end (conf/callbacks/checkpoint.yaml) the epoch's own metrics are among
+        them: the Classifier hands them over in its on_train_epoch_end, which Lightning runs before this callback's."""
+        from reglab.runs.logger import RunLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, RunLogger):
+                logger.flush()
+
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
         # Also Lightning's own calls (on_exception, step- or time-triggered saves): a write, as usual.
+        self._history_first(trainer)
         self._last_step = trainer.global_step
         self._last_written_at = time.monotonic()
         super()._save_last_checkpoint(trainer, monitor_candidates)
@@ -80,6 +93,7 @@ class Checkpoint(ModelCheckpoint):
         if not source or trainer.world_size != 1 or "://" in str(source) or not Path(source).is_file():
             return False
         path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        self._history_first(trainer)
         tmp = f"{path}.{os.getpid()}.link"
         if trainer.is_global_zero:
             try:

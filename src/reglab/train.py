@@ -109,10 +109,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     logger = build_logger(cfg, run)
     trainer = build_trainer(cfg, run, logger)
     if logger is not None and run.run_id is None:
-        logger.log_header(cfg, params={"model.params": module.num_params,
-                                       "data.label_noise_realized": dm.label_noise_realized},
-                          metrics={"data/label_noise_realized": dm.label_noise_realized,
-                                   "model/params": float(module.num_params)})
+        logger.log_header(cfg, module.num_params, dm.label_noise_realized)
         preview = augmentation.preview_for(cfg.get("augmentation"), dm)
         if preview is not None:
             logger.experiment.log_figure(logger.run_id, preview, "augmentation_preview.png")

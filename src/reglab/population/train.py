@@ -16,6 +16,7 @@ Members that cannot be fused (and `population.mode=auto`) are trained one after 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import sys
 from pathlib import Path
 
@@ -79,20 +80,14 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
     for c, r in zip(cfgs, runs):
         discard(c, r, restart=not resume)
     if not resume and folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
 
     nets, dms = [], []
-    for c in cfgs:  # per member, as train.run: seed, data, model (its own initialization and split)
+    for c in cfgs:  # per member, as train.run: seed, data, model and regularizers (its own initialization and split)
         L.seed_everything(c.seed, workers=True, verbose=False)
         dm = train.build_data(c)
         dm.setup()
-        net = train.build_model(c, dm.input_shape, dm.num_classes)
-        for name, reg in train.build_regularizers(c).items():
-            reg.name = name
-            reg.attach(net)
-        nets.append(net)
+        nets.append(train.build_module(c, dm).net)
         dms.append(dm)
     reason = why_not(lead) or fusable(nets)
     if reason:
@@ -111,16 +106,13 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
         loggers = []
     for c, r, lg, net, dm in zip(cfgs, runs, loggers, nets, dms):
         if r.run_id is None:
-            params = sum(p.numel() for p in net.parameters())
-            lg.log_header(c, params={"model.params": params, "data.label_noise_realized": dm.label_noise_realized},
-                          metrics={"data/label_noise_realized": dm.label_noise_realized, "model/params": float(params)})
+            lg.log_header(c, sum(p.numel() for p in net.parameters()), dm.label_noise_realized)
     ck = (lead.get("callbacks") or {}).get("checkpoint") or {}
     checkpoint = Checkpoint(dirpath=str(folder), monitor=None, save_top_k=0, save_last=True,
                             every_n_epochs=int(ck.get("every_n_epochs") or 1), last_every_s=ck.get("last_every_s"),
                             save_on_train_epoch_end=True)
-    callbacks = [checkpoint] + [cb for name, node in (lead.get("callbacks") or {}).items()
-                                if name == "progress" and node is not None and sys.stdout.isatty()
-                                for cb in [instantiate(node)]]
+    # The population's own checkpoint (all members, optimizer, loops) and, on a terminal, the preset's progress bar.
+    callbacks = [checkpoint, *(c for c in train.build_callbacks(lead, folder) if isinstance(c, ProgressBar))]
     trainer = instantiate(lead.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(folder),
                           enable_checkpointing=True,
                           enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks))

@@ -2,9 +2,10 @@
 
 - starts a new run or continues `Run.run_id` (reglab/runs/lookup.py), dropping points at epochs the history
   already holds, so a resumed run logs every epoch once;
-- writes an epoch's metrics in batches, one synchronous request per checkpoint interval
-  (`callbacks.checkpoint.every_n_epochs`; a SQLite commit costs as much as an epoch of a small MLP), each with the
-  tag `reglab.logged_epoch` in the same request, which is what resuming reads;
+- writes the epochs' metrics in batches, each one synchronous request with the tag `reglab.logged_epoch` (what
+  resuming reads): `flush()`, called by reglab's Checkpoint right before it makes last.ckpt current, so the stored
+  history is never behind the checkpoint, and otherwise at most every FLUSH_EVERY_S seconds (the UI follows a run);
+  a SQLite commit costs as much as an epoch of a small MLP, so not once per epoch;
 - records the run's header (flattened config as params, config.yaml, git commit and package versions) and, after
   the run ended, the metrics of what follows it (early stopping's after-stop phase).
 
@@ -27,13 +28,15 @@ from reglab.runs import store
 from reglab.runs.lookup import LOGGED_EPOCH_TAG, Run
 
 MAX_BATCH = 1000  # MLflow takes at most 1,000 metrics per request
+FLUSH_EVERY_S = 60.0  # with checkpoints on, last.ckpt writes (every 30 s by default) flush first anyway
 MAX_PARAMS, MAX_PARAM = 100, 6000  # ... 100 params per request, 6,000 characters per value
 
 
 class RunLogger(MLFlowLogger):
-    def __init__(self, run: Run, flush_every: int = 1, **kwargs: Any):
+    def __init__(self, run: Run, flush_every_s: float = FLUSH_EVERY_S, **kwargs: Any):
         super().__init__(run_id=run.run_id, **kwargs)
-        self.logged_epoch, self.flush_every = run.logged_epoch, max(1, flush_every)
+        self.logged_epoch, self.flush_every_s = run.logged_epoch, flush_every_s
+        self._flushed_at = time.monotonic()
         self.tracking_uri = kwargs["tracking_uri"]
         self._pending: list[tuple[dict[str, float], int]] = []
         self._failed = False
@@ -44,7 +47,7 @@ class RunLogger(MLFlowLogger):
         if step <= self.logged_epoch:
             return
         self._pending.append((metrics, step))
-        if (step + 1) % self.flush_every == 0:
+        if time.monotonic() - self._flushed_at >= self.flush_every_s:
             self.flush()
 
     @rank_zero_only
@@ -52,6 +55,7 @@ class RunLogger(MLFlowLogger):
         from mlflow.entities import Metric, RunTag
 
         pending, self._pending = self._pending, []
+        self._flushed_at = time.monotonic()
         if not pending:
             return
         now = int(time.time() * 1000)
@@ -75,13 +79,15 @@ class RunLogger(MLFlowLogger):
         super().finalize("failed" if self._failed else status)
 
     @rank_zero_only
-    def log_header(self, cfg: DictConfig, params: dict[str, Any], metrics: dict[str, float]) -> None:
-        """The config (flattened, plus `params`) as MLflow params, config.yaml, and step-0 `metrics`. Those go in
-        epoch 0's batch: written alone, their batch's reglab.logged_epoch tag would claim epoch 0 before it was
-        trained, and a kill after its checkpoint would resume without ever logging it."""
-        self.log_hyperparams({**store.flatten(OmegaConf.to_container(cfg, resolve=True)), **params})
+    def log_header(self, cfg: DictConfig, model_params: int, label_noise_realized: float) -> None:
+        """The config (flattened) and two measured values as MLflow params, config.yaml, and the same two values as
+        step-0 metrics. Those go in epoch 0's batch: written alone, their batch's reglab.logged_epoch tag would claim
+        epoch 0 before it was trained, and a kill after its checkpoint would resume without ever logging it."""
+        measured = {"model.params": model_params, "data.label_noise_realized": label_noise_realized}
+        self.log_hyperparams({**store.flatten(OmegaConf.to_container(cfg, resolve=True)), **measured})
         self.experiment.log_text(self.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        self._pending.append((dict(metrics), 0))
+        self._pending.append(({"model/params": float(model_params), "data/label_noise_realized": label_noise_realized},
+                              0))
 
     @rank_zero_only
     def log_after_end(self, metrics: dict[str, float]) -> None:
@@ -100,10 +106,8 @@ def build_logger(cfg: DictConfig, run: Run) -> RunLogger | None:
     if backend != "mlflow":
         raise ConfigError(f"logger.backend={backend!r} is not one of mlflow, none")
     uri, artifacts = store.resolve(cfg.logger.get("tracking_uri"), cfg.paths.root)
-    checkpoint = (cfg.get("callbacks") or {}).get("checkpoint") or {}
     return RunLogger(
         run,
-        flush_every=int(checkpoint.get("every_n_epochs") or 1),
         experiment_name=cfg.logger.experiment,
         run_name=run.name,
         tracking_uri=uri,
