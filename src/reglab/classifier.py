@@ -8,7 +8,6 @@ MLflow's x axis reads in epochs.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Mapping
 

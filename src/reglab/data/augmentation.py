@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import warnings
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -228,10 +229,8 @@ def for_datamodule(aug_cfg: Mapping[str, Any] | None, dm, seed: int | None = Non
     return BatchAugment(specs, image_hw=shape[1:], scale=dm.scale, seed=seed)
 
 
-def write_preview(cfg, path) -> "Path":
+def write_preview(cfg, path) -> Path:
     """PNG grid of cfg.augmentation on the bundled photo and the first training image of cfg.data."""
-    from pathlib import Path
-
     from hydra.utils import instantiate
 
     dm = instantiate(cfg.data, seed=cfg.seed)
