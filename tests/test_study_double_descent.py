@@ -178,3 +178,8 @@ def test_the_resnet18_cifar10_preset_runs_end_to_end_on_cpu(tmp_path, empty_stor
     assert files <= {p.name for p in out.iterdir()}
     assert files <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "Mean over n=2 seeds per width" in (out / "modelwise.md").read_text()
+    # The headline on the parent run itself: the model-wise curve (step = width) and the summary the UI shows.
+    curve = client.get_metric_history(parent.info.run_id, "modelwise/test_err")
+    assert sorted((m.step, m.value) for m in curve) == [(w, pytest.approx(t.loc[w, "test_err_mean"])) for w in (1, 2)]
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    assert metrics["summary/peak_width"] in (1.0, 2.0)

@@ -231,6 +231,36 @@ def left_out_note(client, parent) -> str:
     return f"Left out: {len(runs)} child run(s) that did not finish.\n\n" + "\n".join(items) + "\n\n"
 
 
+def headline(client, parent, table: pd.DataFrame) -> dict[str, float]:
+    """The study's headline as metrics of its parent run, so the MLflow UI shows the curve without opening a child:
+    modelwise/{test_err,train_err,test_loss} = the means over seeds with step = width (the parent's chart view draws
+    the model-wise curve), and summary/{peak_width, threshold_width, peak_minus_first_min} (test error at the peak
+    minus the lowest mean test error at a smaller width). Points the parent already holds are not written again (a
+    report rerun on the same runs adds nothing)."""
+    from mlflow.entities import Metric
+
+    now = int(1000 * pd.Timestamp.now().timestamp())
+    points = [(f"modelwise/{col}", float(row[f"{col}_mean"]), int(row["width"]))
+              for col in ("test_err", "train_err", "test_loss") for _, row in table.iterrows()
+              if pd.notna(row[f"{col}_mean"])]
+    peak = peak_width(table)
+    before = table[table["width"] < peak]["test_err_mean"]
+    summary = {"summary/peak_width": float(peak)}
+    critical = interpolation_threshold(table)
+    if critical is not None:
+        summary["summary/threshold_width"] = float(critical)
+    if len(before):
+        summary["summary/peak_minus_first_min"] = float(table.loc[table["width"] == peak, "test_err_mean"].iloc[0]
+                                                        - before.min())
+    points += [(k, v, 0) for k, v in summary.items()]
+    held = {(k, m.step, m.value) for k in {k for k, _, _ in points} for m in client.get_metric_history(
+        parent.info.run_id, k)}
+    new = [Metric(k, v, now, step) for k, v, step in points if (k, step, v) not in held]
+    for i in range(0, len(new), 1000):
+        client.log_batch(parent.info.run_id, metrics=new[i:i + 1000])
+    return summary
+
+
 def report(client, parent, out: Path) -> None:
     history = collect(client, parent)
     table, epochwise = modelwise_table(history), epochwise_table(history)
@@ -255,3 +285,4 @@ def report(client, parent, out: Path) -> None:
     (out / "epochwise.md").write_text(f"# {study}: mean test error over seeds by width (rows) and epoch (columns)"
                                       f"\n\n" + markdown_table(pivot.reset_index()))
     figures(table, epochwise, study, _subtitle(cfg, table), out)
+    headline(client, parent, table)
