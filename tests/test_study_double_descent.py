@@ -67,6 +67,19 @@ def test_threshold_and_peak_are_found_on_the_means_not_on_one_seed():
     assert dd.peak_width(t) == 16 and dd.peak_width(t, "test_loss") == 16
 
 
+def test_second_descent_is_the_peak_minus_the_first_minimum_paired_by_seed():
+    # Seed offsets shared across widths (a seed's data is the same at every width): the per-seed differences at the
+    # peak (width 8) minus the first minimum (width 2) are 0.10, 0.12, 0.14: mean 0.12, SE = std(ddof=1) / sqrt(3)
+    h = history({1: [(0.55, 0.5), (0.65, 0.5), (0.75, 0.5)], 2: [(0.40, 0.4), (0.50, 0.4), (0.60, 0.4)],
+                 8: [(0.50, 0.0), (0.62, 0.0), (0.74, 0.0)], 32: [(0.30, 0.0), (0.35, 0.0), (0.40, 0.0)]})
+    d = dd.second_descent(h, dd.modelwise_table(h))
+    assert (d["peak_width"], d["first_min_width"], d["n"]) == (8, 2, 3)
+    assert d["peak_minus_first_min"] == pytest.approx(0.12)
+    assert d["peak_minus_first_min_se"] == pytest.approx(np.std([0.10, 0.12, 0.14], ddof=1) / math.sqrt(3))
+    # Unpaired, the widths' seed spread (0.1 per seed step) would swamp it: SE of the difference of means ~0.08.
+    assert d["peak_minus_first_min_se"] < 0.02
+
+
 def single_seed_study(uri: str):
     """A parent with one FINISHED child per width (seed 0; per-epoch points and the final test one step past) and
     one FAILED child, written to the MLflow store as a sweep writes them."""

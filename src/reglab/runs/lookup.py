@@ -15,11 +15,13 @@ and returns a `Run`:
   deleted) together with its checkpoint folder, and the configuration starts over.
 
 How far a history reaches is the tag `reglab.logged_epoch`, which the logger writes in the same request as the
-epoch's metrics (an MLflow batch is one transaction), so the tag never claims an epoch the store lacks.
+epoch's metrics; the store commits the metrics first and the tag after them, so the tag never claims an epoch the
+store lacks (a kill between the two only makes a resumable run start over).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -61,6 +63,13 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def checkpoint_epoch(path: Path) -> int:
+    # A population's members all ask about one shared checkpoint (hundreds of MB for wide ResNets): read it once
+    # per version of the file.
+    return _epoch(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch(path: str, mtime_ns: int) -> int:
     import torch
 
     return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])

@@ -94,6 +94,22 @@ def peak_width(table: pd.DataFrame, metric: str = "test_err") -> int:
     return int(beyond.loc[beyond[f"{metric}_mean"].idxmax(), "width"])
 
 
+def second_descent(history: pd.DataFrame, table: pd.DataFrame) -> dict[str, float] | None:
+    """Is there a second descent? The final test error at the peak width minus that at the first minimum (the lowest
+    mean test error at a smaller width), paired by seed (a seed's data, noise and order are the same at every width):
+    mean, standard error (ddof=1) and n of the per-seed differences. None without a smaller width."""
+    peak = peak_width(table)
+    before = table[table["width"] < peak]
+    if before.empty:
+        return None
+    first_min = int(before.loc[before["test_err_mean"].idxmin(), "width"])
+    finals = history[history["epoch"] == history.groupby("run")["epoch"].transform("max")]
+    by_seed = finals.pivot_table(index="seed", columns="width", values="test_err")
+    diff = (by_seed[peak] - by_seed[first_min]).dropna()
+    return {"peak_width": float(peak), "first_min_width": float(first_min), "peak_minus_first_min": diff.mean(),
+            "peak_minus_first_min_se": diff.sem(), "n": float(len(diff))}
+
+
 def seeds_text(table: pd.DataFrame) -> str:
     lo, hi = int(table["n"].min()), int(table["n"].max())
     return f"n={lo} seed{'s' if hi > 1 else ''}" if lo == hi else f"n={lo}-{hi} seeds"
@@ -231,34 +247,29 @@ def left_out_note(client, parent) -> str:
     return f"Left out: {len(runs)} child run(s) that did not finish.\n\n" + "\n".join(items) + "\n\n"
 
 
-def headline(client, parent, table: pd.DataFrame) -> dict[str, float]:
+def headline(client, parent, table: pd.DataFrame, descent: dict[str, float] | None) -> None:
     """The study's headline as metrics of its parent run, so the MLflow UI shows the curve without opening a child:
     modelwise/{test_err,train_err,test_loss} = the means over seeds with step = width (the parent's chart view draws
-    the model-wise curve), and summary/{peak_width, threshold_width, peak_minus_first_min} (test error at the peak
-    minus the lowest mean test error at a smaller width). Points the parent already holds are not written again (a
-    report rerun on the same runs adds nothing)."""
+    the model-wise curve), and summary/{peak_width, threshold_width, first_min_width, peak_minus_first_min(_se)}
+    (`second_descent`). Points the parent already holds are not written again (a report rerun on the same runs adds
+    nothing)."""
     from mlflow.entities import Metric
 
     now = int(1000 * pd.Timestamp.now().timestamp())
     points = [(f"modelwise/{col}", float(row[f"{col}_mean"]), int(row["width"]))
               for col in ("test_err", "train_err", "test_loss") for _, row in table.iterrows()
               if pd.notna(row[f"{col}_mean"])]
-    peak = peak_width(table)
-    before = table[table["width"] < peak]["test_err_mean"]
-    summary = {"summary/peak_width": float(peak)}
+    summary = {"peak_width": float(peak_width(table))}
     critical = interpolation_threshold(table)
     if critical is not None:
-        summary["summary/threshold_width"] = float(critical)
-    if len(before):
-        summary["summary/peak_minus_first_min"] = float(table.loc[table["width"] == peak, "test_err_mean"].iloc[0]
-                                                        - before.min())
-    points += [(k, v, 0) for k, v in summary.items()]
+        summary["threshold_width"] = float(critical)
+    summary.update({k: v for k, v in (descent or {}).items() if k != "n"})
+    points += [(f"summary/{k}", float(v), 0) for k, v in summary.items() if pd.notna(v)]
     held = {(k, m.step, m.value) for k in {k for k, _, _ in points} for m in client.get_metric_history(
         parent.info.run_id, k)}
     new = [Metric(k, v, now, step) for k, v, step in points if (k, step, v) not in held]
     for i in range(0, len(new), 1000):
         client.log_batch(parent.info.run_id, metrics=new[i:i + 1000])
-    return summary
 
 
 def report(client, parent, out: Path) -> None:
@@ -275,6 +286,12 @@ def report(client, parent, out: Path) -> None:
             f"{peak_width(table)}.")
     if table["test_loss_mean"].notna().any():
         note += f" Test-loss peak: width {peak_width(table, 'test_loss')}."
+    descent = second_descent(history, table)
+    if descent is not None:
+        note += (f" Peak minus first minimum (width {descent['peak_width']:.0f} minus width "
+                 f"{descent['first_min_width']:.0f}, final test error, paired by seed): "
+                 f"{descent['peak_minus_first_min']:.4f} ± {descent['peak_minus_first_min_se']:.4f} (SE, "
+                 f"n={descent['n']:.0f}).")
     note += "\n\n" + left_out_note(client, parent)
     (out / "modelwise.md").write_text(f"# {study}: model-wise\n\n{note}" + markdown_table(table))
     epochwise.to_csv(out / "epochwise.csv", index=False)
@@ -285,4 +302,4 @@ def report(client, parent, out: Path) -> None:
     (out / "epochwise.md").write_text(f"# {study}: mean test error over seeds by width (rows) and epoch (columns)"
                                       f"\n\n" + markdown_table(pivot.reset_index()))
     figures(table, epochwise, study, _subtitle(cfg, table), out)
-    headline(client, parent, table)
+    headline(client, parent, table, descent)
