@@ -1,0 +1,169 @@
+"""A study's numbers as pandas DataFrames, and the one summary every report and claim is made of.
+
+From a notebook or a Python prompt (the default store of a checkout; `tracking_uri=` for any other):
+
+    >>> from reglab import results
+    >>> runs = results.load("double_descent")                    # one row per finished child of the newest parent
+    >>> results.summarize(runs, by="model.width", metrics=["test/err"])
+    >>> curves = results.load("double_descent", history=["test/err", "train/err"])   # one row per (run, step)
+    >>> results.paired(runs, "regularization", baseline="none", metric="test/err")  # same seed, same data
+
+Columns of `runs(...)`/`load(...)`: `run_id`, `run_name`, `status`, every param under its config key (`model.width`,
+`seed`; numbers parsed, "None" -> NaN), every final metric under its MLflow key (`test/err`). With `history=`, one row
+per (run, step) with those metrics as columns, `epoch` = step + 1, and the params repeated.
+
+`summarize` gives, per group, n and for each metric its mean, sample standard deviation (ddof=1), standard error
+(std / sqrt(n)) and a 95% confidence interval (mean +- t_{0.975, n-1} * SE; Student's t because n is a handful of
+seeds). With n = 1 std, SE and the interval are NaN: one seed carries no spread, and nothing pretends it does.
+`paired` gives the same for the per-seed differences against a baseline group, and whether the interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from reglab.errors import ReglabError
+
+CONFIDENCE = 0.95
+META = ("run_id", "run_name", "status")
+
+
+def _value(v: str):
+    if v in ("None", "null", ""):
+        return np.nan
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return v
+    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
+
+
+def children(client, parent, status: str | None = "FINISHED") -> list:
+    """The parent run's child runs (only `status` ones unless None), oldest first."""
+    flt = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    if status:
+        flt += f" and attributes.status = '{status}'"
+    found, token = [], None
+    while True:
+        page = client.search_runs([parent.info.experiment_id], flt, max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time ASC"])
+        found += list(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def runs(client, parent, history: Sequence[str] | None = None, status: str | None = "FINISHED") -> pd.DataFrame:
+    """One row per child run of `parent` (params + final metrics), or with `history` one row per (run, step)."""
+    rows = []
+    for r in children(client, parent, status):
+        base = {"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+                **{k: _value(v) for k, v in r.data.params.items()}}
+        if not history:
+            rows.append({**base, **r.data.metrics})
+            continue
+        curves = {k: {m.step: m.value for m in client.get_metric_history(r.info.run_id, k)} for k in history}
+        for step in sorted(set().union(*curves.values())):
+            rows.append({**base, "step": step, "epoch": step + 1,
+                         **{k: curves[k].get(step, np.nan) for k in history}})
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=[*META, *(["step", "epoch", *history] if history else [])])
+    return df
+
+
+def load(study: str | None = None, *, parent: str | None = None, experiment: str = "reglab",
+         tracking_uri: str | None = None, root: str = ".", history: Sequence[str] | None = None,
+         status: str | None = "FINISHED") -> pd.DataFrame:
+    """`runs` of the newest parent of `study` (or of the parent run id `parent`) in `experiment` of the store at
+    `tracking_uri` (default: the checkout's mlruns/ under `root`, or $MLFLOW_TRACKING_URI)."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from reglab.runs import store
+    from reglab.runs.study import latest_parent
+
+    uri, _ = store.resolve(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), root)
+    client = MlflowClient(uri)
+    if parent:
+        p = client.get_run(parent)
+    else:
+        if not study:
+            raise ReglabError("results.load: name a study or a parent run id")
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ReglabError(f"results.load: no experiment {experiment!r} in {uri}")
+        p = latest_parent(client, exp.experiment_id, study)
+    return runs(client, p, history=history, status=status)
+
+
+def _interval(se: pd.Series | float, n: pd.Series | int, confidence: float):
+    from scipy import stats
+
+    dof = np.asarray(n, dtype=float) - 1
+    t = np.where(dof >= 1, stats.t.ppf(0.5 + confidence / 2, np.maximum(dof, 1)), np.nan)
+    return t * se
+
+
+def summarize(df: pd.DataFrame, by: str | Sequence[str], metrics: str | Iterable[str],
+              confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Per group of `by`: n and, per metric m, `m_mean`, `m_std` (ddof=1), `m_se`, `m_ci_low`, `m_ci_high`
+    (Student's t interval at `confidence`). Rows with a NaN metric count in no number of that metric; n is the
+    group's number of rows with the first metric present."""
+    by = [by] if isinstance(by, str) else list(by)
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    missing = [c for c in [*by, *metrics] if c not in df.columns]
+    if missing:
+        raise ReglabError(f"results.summarize: no column {', '.join(map(repr, missing))} "
+                          f"(columns: {', '.join(map(str, df.columns))})")
+    g = df.groupby(by, dropna=False, sort=True)
+    out = pd.DataFrame({"n": g[metrics[0]].count()})
+    for m in metrics:
+        n = g[m].count()
+        mean, std = g[m].mean(), g[m].std(ddof=1)
+        se = std / np.sqrt(n)
+        half = _interval(se, n, confidence)
+        out[f"{m}_mean"], out[f"{m}_std"], out[f"{m}_se"] = mean, std, se
+        out[f"{m}_ci_low"], out[f"{m}_ci_high"] = mean - half, mean + half
+    return out.reset_index()
+
+
+def paired(df: pd.DataFrame, by: str, baseline, metric: str, pair_on: str = "seed",
+           confidence: float = CONFIDENCE, within: Sequence[str] = ()) -> pd.DataFrame:
+    """Per group g of `by` (other than `baseline`, and within each group of `within`): the differences
+    metric(g) - metric(baseline) of the runs sharing `pair_on` (same seed = same data, noise and order), as n,
+    `diff_mean`, `diff_std` (ddof=1), `diff_se`, `diff_ci_low`, `diff_ci_high`, and `distinct`: the interval
+    excludes 0 (False with n < 2: no interval, no claim)."""
+    within = list(within)
+    rows = []
+    groups = df.groupby(within, dropna=False) if within else [((), df)]
+    for key, part in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        wide = part.pivot_table(index=pair_on, columns=by, values=metric, aggfunc="mean")
+        if baseline not in wide.columns:
+            raise ReglabError(f"results.paired: no runs with {by}={baseline!r} to compare against")
+        for g in wide.columns:
+            if g == baseline:
+                continue
+            d = (wide[g] - wide[baseline]).dropna()
+            n = len(d)
+            mean, std = d.mean(), d.std(ddof=1) if n > 1 else math.nan
+            se = std / math.sqrt(n) if n > 1 else math.nan
+            half = float(_interval(se, n, confidence)) if n > 1 else math.nan
+            lo, hi = mean - half, mean + half
+            rows.append({**dict(zip(within, key)), by: g, "n": n, "diff_mean": mean, "diff_std": std,
+                         "diff_se": se, "diff_ci_low": lo, "diff_ci_high": hi,
+                         "distinct": bool(n > 1 and (lo > 0 or hi < 0))})
+    return pd.DataFrame(rows)
+
+
+def mean_se_text(mean: float, se: float, n: int, scale: float = 100.0, digits: int = 1, unit: str = "%") -> str:
+    """'50.1 ± 0.6% (n=5)'; '50.1% (n=1)' without a spread."""
+    if n < 2 or not math.isfinite(se):
+        return f"{scale * mean:.{digits}f}{unit} (n={n})"
+    return f"{scale * mean:.{digits}f} ± {scale * se:.{digits}f}{unit} (n={n})"
