@@ -12,7 +12,7 @@ from reglab.regularization.normalization import NORMS, make_norm
 BATCH = torch.tensor([[2.1, 0.8, -1.2], [1.8, 1.1, -0.9], [2.3, 0.9, -1.1], [1.9, 1.0, -1.0]])
 SLIDE = torch.tensor([[0.45, -1.22, -1.22], [-0.89, 1.22, 1.22], [1.34, -0.41, -0.41], [-0.45, 0.41, 0.41]])
 # The same table recomputed with the slide's own formula (mu_B, biased sigma_B^2, eps = 1e-5). The printed table
-# is off by up to 0.26: its column 1 uses mu = 2.0 (the mean is 2.025) and does not even have mean 0, and columns
+# is off by up to 0.26: its column 1 is (x - 2.0) / 0.2236 where mu_B = 2.025 and sigma_B = 0.1920, and columns
 # 2-3 use sigma = 0.1225 where sigma_B = 0.1118 (docs/regularization.md, "errata").
 RECOMPUTED = torch.tensor([[0.3906, -1.3411, -1.3411], [-1.1717, 1.3411, 1.3411],
                            [1.4321, -0.4470, -0.4470], [-0.6509, 0.4470, 0.4470]])
@@ -41,6 +41,24 @@ def test_lecture_batch_norm_example():
     assert torch.equal(out.argsort(0), SLIDE.argsort(0))
     # mu_B and (biased) sigma_B as the slide's "cálculos por feature" define them.
     torch.testing.assert_close(bn.running_mean, 0.1 * BATCH.mean(0))  # momentum 0.1 from 0
+    mu_b, sigma_b = BATCH.mean(0), BATCH.var(0, unbiased=False).sqrt()
+    torch.testing.assert_close(mu_b, torch.tensor([2.025, 0.95, -1.05]))
+    torch.testing.assert_close(sigma_b, torch.tensor([0.1920, 0.1118, 0.1118]), atol=1e-4, rtol=0)
+
+
+def test_the_slide_table_uses_a_wrong_mean_and_wrong_sigmas():
+    """Errata: the printed table is (x1 - 2.0) / 0.2236 (sigma = sqrt(0.05); the slide says mu1 = 2.0, sigma1 = 0.22)
+    and (x - mu) / 0.1225 for columns 2-3 (sigma = sqrt(0.015); the slide says 0.12), to its two decimals; so it
+    has neither mean 0 (column 1) nor standard deviation 1 (any column), while the formula's output has both."""
+    x1 = BATCH[:, 0]
+    assert torch.equal(((x1 - 2.0) / 0.05 ** 0.5).round(decimals=2), SLIDE[:, 0])
+    rest = BATCH[:, 1:]
+    assert torch.equal(((rest - rest.mean(0)) / 0.015 ** 0.5).round(decimals=2), SLIDE[:, 1:])
+    # Neither the mean nor sigma of column 1 is the formula's: mu_B = 2.025, sigma_B = 0.1920 (not 0.2236).
+    assert x1.mean().item() == pytest.approx(2.025) and x1.std(unbiased=False).item() == pytest.approx(0.1920, abs=1e-4)
+    torch.testing.assert_close(SLIDE.mean(0), torch.tensor([0.1125, 0.0, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(SLIDE.std(0, unbiased=False), torch.tensor([0.858, 0.910, 0.910]), atol=2e-3, rtol=0)
+    torch.testing.assert_close(RECOMPUTED.std(0, unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("kind", [k for k in NORMS if k != "none"])
