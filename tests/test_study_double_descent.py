@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import compose, with_store
+from scipy import stats
 from omegaconf import OmegaConf
 from train_cli import run_study
 
@@ -46,6 +47,11 @@ def test_modelwise_table_is_n_mean_and_standard_error_with_ddof_1():
     assert t.loc[2, "test_loss_mean"] == pytest.approx(1.2) and t.loc[2, "test_loss_se"] == pytest.approx(0.2)
     assert t.loc[4, "test_err_mean"] == pytest.approx(0.6) and t.loc[4, "params"] == 400
     assert t.loc[4, ["test_err_se", "train_err_se", "test_loss_se"]].isna().all()  # one seed: no SE
+    # 95% interval: mean +- t_{0.975, n-1} SE (width 1: n = 3, 2 degrees of freedom)
+    half = stats.t.ppf(0.975, 2) * math.sqrt(0.07 / 3)
+    assert (t.loc[1, "test_err_ci_low"], t.loc[1, "test_err_ci_high"]) == pytest.approx((0.5 - half, 0.5 + half))
+    assert t.loc[1, "test_err_std"] == pytest.approx(math.sqrt(0.07))
+    assert math.isnan(t.loc[4, "test_err_ci_low"])
 
 
 def test_epochwise_table_is_the_mean_over_seeds_of_each_width_and_epoch():
@@ -56,6 +62,14 @@ def test_epochwise_table_is_the_mean_over_seeds_of_each_width_and_epoch():
     assert e.loc[(1, 1), "test_err_se"] == pytest.approx(0)
     assert e.loc[(1, 2), "test_err_mean"] == pytest.approx(np.mean([0.6, 0.65, 0.85]))
     assert e.loc[(2, 3), "test_err_se"] == pytest.approx(0.1)
+
+
+def test_threshold_uses_the_eval_mode_train_error_only_when_every_width_has_it():
+    t = pd.DataFrame({"width": [2, 8, 32], "train_err_mean": [0.3, 0.0, 0.0], "train_eval_err_mean": [0.3, 0.05, 0.0]})
+    assert dd.threshold_metric(t) == "train_eval_err" and dd.interpolation_threshold(t) == 32
+    assert dd.interpolation_threshold(t, "train_err") == 8
+    t.loc[1, "train_eval_err_mean"] = np.nan  # one width without it: train/err for all, not a mix
+    assert dd.threshold_metric(t) == "train_err" and dd.interpolation_threshold(t) == 8
 
 
 def test_threshold_and_peak_are_found_on_the_means_not_on_one_seed():
@@ -75,30 +89,42 @@ def test_second_descent_is_the_peak_minus_the_first_minimum_paired_by_seed():
     d = dd.second_descent(h, dd.modelwise_table(h))
     assert (d["peak_width"], d["first_min_width"], d["n"]) == (8, 2, 3)
     assert d["peak_minus_first_min"] == pytest.approx(0.12)
-    assert d["peak_minus_first_min_se"] == pytest.approx(np.std([0.10, 0.12, 0.14], ddof=1) / math.sqrt(3))
+    se = np.std([0.10, 0.12, 0.14], ddof=1) / math.sqrt(3)
+    assert d["peak_minus_first_min_se"] == pytest.approx(se)
+    half = stats.t.ppf(0.975, 2) * se  # Student's t with n - 1 = 2 degrees of freedom
+    assert (d["peak_minus_first_min_ci_low"], d["peak_minus_first_min_ci_high"]) == pytest.approx(
+        (0.12 - half, 0.12 + half))
+    assert d["distinct"]  # 0.12 +- 0.05: the interval excludes 0
     # Unpaired, the widths' seed spread (0.1 per seed step) would swamp it: SE of the difference of means ~0.08.
     assert d["peak_minus_first_min_se"] < 0.02
 
 
-def single_seed_study(uri: str):
+def single_seed_study(uri: str, eval_mode: bool = False):
     """A parent with one FINISHED child per width (seed 0; per-epoch points and the final test one step past) and
-    one FAILED child, written to the MLflow store as a sweep writes them."""
+    one FAILED child, written to the MLflow store as a sweep writes them. With `eval_mode`, the children also have
+    the eval-mode train error (once, step = last epoch) and the weight norm (per epoch), as the Classifier logs them:
+    width 8 fits its noisy labels in train mode's batch average (train/err 0) but not in eval mode (5%)."""
     from mlflow.tracking import MlflowClient
 
     from reglab.runs.study import child_tags
 
     client = MlflowClient(uri)
-    exp = client.create_experiment("double_descent_one_seed")
-    parent = client.create_run(exp, run_name="one_seed", tags={"study": "one_seed", "reglab.role": "parent",
-                                                               "sweep.model.width": "2,8,32"}).info.run_id
-    for width, test, train in ((2, 0.5, 0.45), (8, 0.6, 0.0), (32, 0.3, 0.0)):
-        run = client.create_run(exp, tags=child_tags(parent, "one_seed")).info.run_id
+    name = "one_seed_eval" if eval_mode else "one_seed"
+    exp = client.create_experiment(f"double_descent_{name}")
+    parent = client.create_run(exp, run_name=name, tags={"study": name, "reglab.role": "parent",
+                                                         "sweep.model.width": "2,8,32"}).info.run_id
+    for width, test, train, train_eval in ((2, 0.5, 0.45, 0.4), (8, 0.6, 0.0, 0.05), (32, 0.3, 0.0, 0.0)):
+        run = client.create_run(exp, tags=child_tags(parent, name)).info.run_id
         client.log_param(run, "model.width", width)
         client.log_param(run, "seed", 0)
         for step in range(3):
             client.log_metric(run, "train/err", train + (2 - step) * 0.1, step=step)
             client.log_metric(run, "test/err", test + (2 - step) * 0.1, step=step)
             client.log_metric(run, "test/loss", 2 * test + (2 - step) * 0.1, step=step)
+            if eval_mode:
+                client.log_metric(run, "params/l2", width * (1 + step), step=step)
+        if eval_mode:
+            client.log_metric(run, "train_eval/err", train_eval, step=2)
         client.log_metric(run, "test/err", test, step=3)  # the final trainer.test
         client.set_terminated(run)
     failed = client.create_run(exp, tags={**child_tags(parent, "one_seed"), "failure_reason": "divergence: nan"})
@@ -117,12 +143,34 @@ def test_report_of_a_single_seed_study_has_no_band_and_blank_standard_errors(mlf
     assert t[["test_err_se", "train_err_se", "test_loss_se"]].isna().all().all()
     md = (tmp_path / "modelwise.md").read_text()
     assert "Mean over n=1 seed per width" in md
-    assert "Interpolation threshold (first width with mean final train error <= 1%): 8." in md
+    # No train_eval/err in these children: the threshold falls back to train/err, and says so.
+    assert ("Interpolation threshold (first width with mean final train error <= 1%, by train/err (mean over the "
+            "last epoch's batches, train mode)): 8.") in md
     assert "Test-error peak (second descent): width 8. Test-loss peak: width 8." in md
     assert "Left out: 1 child run(s) that did not finish." in md and "model.width=64: FAILED, divergence: nan" in md
+    assert "train_eval_err_mean" not in t and "params_l2_mean" not in t  # not logged: no empty columns
     assert (pd.read_csv(tmp_path / "epochwise.csv")["n"] == 1).all()
     for png in ("modelwise.png", "epochwise_heatmap.png", "epochwise_curves.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "weight_norm.png").exists()
+
+
+def test_threshold_is_read_from_the_eval_mode_train_error_when_the_children_have_it(mlflow_uri, tmp_path):
+    client, parent = single_seed_study(mlflow_uri, eval_mode=True)
+    dd.report(client, parent, tmp_path)
+    t = pd.read_csv(tmp_path / "modelwise.csv").set_index("width")
+    assert list(t["train_eval_err_mean"]) == pytest.approx([0.4, 0.05, 0.0])  # logged once, at the last epoch
+    assert list(t["train_err_mean"]) == pytest.approx([0.45, 0.0, 0.0])
+    assert list(t["params_l2_mean"]) == pytest.approx([6, 24, 96])  # the last epoch's norm: width * 3
+    md = (tmp_path / "modelwise.md").read_text()
+    # train/err alone would say width 8; in eval mode width 8 still misses 5% of its labels.
+    assert "by train_eval/err (eval mode, full training set, after the last epoch)): 32." in md
+    assert "| params_l2_mean |" in md
+    e = pd.read_csv(tmp_path / "epochwise.csv")
+    assert list(e[e.width == 8]["params_l2_mean"]) == pytest.approx([8, 16, 24]) and "train_eval_err_mean" not in e
+    assert (tmp_path / "weight_norm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = client.get_run(parent.info.run_id).data.metrics
+    assert metrics["summary/threshold_width"] == 32
 
 
 # --- +exp=double_descent through the CLI, on CPU -------------------------------------------------------------------

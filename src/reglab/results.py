@@ -16,6 +16,13 @@ per (run, step) with those metrics as columns, `epoch` = step + 1, and the param
 (std / sqrt(n)) and a 95% confidence interval (mean +- t_{0.975, n-1} * SE; Student's t because n is a handful of
 seeds). With n = 1 std, SE and the interval are NaN: one seed carries no spread, and nothing pretends it does.
 `paired` gives the same for the per-seed differences against a baseline group, and whether the interval excludes 0.
+
+`ranks` orders groups by their mean and gives tied ones one rank. The rule: rank(g) = 1 + the number of groups h
+that are *distinctly better* than g, i.e. whose paired difference metric(h) - metric(g) over the seeds they share has
+a 95% interval entirely below 0 (above 0 with `lower_is_better=False`). Groups whose differences from each other stay
+inside the noise therefore share a rank (a "competition ranking by distinct wins"), and a rank is never better than
+what the data distinguishes. The intervals are per pair, not corrected for the number of pairs: with k groups there
+are k(k-1)/2 of them, and at 95% some distinctions among many groups are chance.
 """
 
 from __future__ import annotations
@@ -110,6 +117,13 @@ def _interval(se: pd.Series | float, n: pd.Series | int, confidence: float):
     return t * se
 
 
+def _require(df: pd.DataFrame, what: str, columns: Iterable[str]) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ReglabError(f"results.{what}: no column {', '.join(map(repr, missing))} "
+                          f"(columns: {', '.join(map(str, df.columns))})")
+
+
 def summarize(df: pd.DataFrame, by: str | Sequence[str], metrics: str | Iterable[str],
               confidence: float = CONFIDENCE) -> pd.DataFrame:
     """Per group of `by`: n and, per metric m, `m_mean`, `m_std` (ddof=1), `m_se`, `m_ci_low`, `m_ci_high`
@@ -117,10 +131,9 @@ def summarize(df: pd.DataFrame, by: str | Sequence[str], metrics: str | Iterable
     group's number of rows with the first metric present."""
     by = [by] if isinstance(by, str) else list(by)
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-    missing = [c for c in [*by, *metrics] if c not in df.columns]
-    if missing:
-        raise ReglabError(f"results.summarize: no column {', '.join(map(repr, missing))} "
-                          f"(columns: {', '.join(map(str, df.columns))})")
+    if not metrics:
+        raise ReglabError("results.summarize: name at least one metric")
+    _require(df, "summarize", [*by, *metrics])
     g = df.groupby(by, dropna=False, sort=True)
     out = pd.DataFrame({"n": g[metrics[0]].count()})
     for m in metrics:
@@ -140,13 +153,16 @@ def paired(df: pd.DataFrame, by: str, baseline, metric: str, pair_on: str = "see
     `diff_mean`, `diff_std` (ddof=1), `diff_se`, `diff_ci_low`, `diff_ci_high`, and `distinct`: the interval
     excludes 0 (False with n < 2: no interval, no claim)."""
     within = list(within)
+    _require(df, "paired", [by, metric, pair_on, *within])
     rows = []
     groups = df.groupby(within, dropna=False) if within else [((), df)]
     for key, part in groups:
         key = key if isinstance(key, tuple) else (key,)
+        # one value per (pair, group); a pair measured twice in a group (a rerun) counts as its mean
         wide = part.pivot_table(index=pair_on, columns=by, values=metric, aggfunc="mean")
         if baseline not in wide.columns:
-            raise ReglabError(f"results.paired: no runs with {by}={baseline!r} to compare against")
+            where = "".join(f", {k}={v!r}" for k, v in zip(within, key))
+            raise ReglabError(f"results.paired: no runs with {by}={baseline!r}{where} to compare against")
         for g in wide.columns:
             if g == baseline:
                 continue
@@ -160,6 +176,35 @@ def paired(df: pd.DataFrame, by: str, baseline, metric: str, pair_on: str = "see
                          "diff_se": se, "diff_ci_low": lo, "diff_ci_high": hi,
                          "distinct": bool(n > 1 and (lo > 0 or hi < 0))})
     return pd.DataFrame(rows)
+
+
+def ranks(df: pd.DataFrame, by: str, metric: str, pair_on: str = "seed", within: Sequence[str] = (),
+          lower_is_better: bool = True, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Per group of `by` (within each group of `within`): its `mean` of `metric`, `rank` (1 = best; tied groups
+    share a rank: 1 + the number of groups distinctly better, by paired differences over `pair_on`, see the module
+    docstring) and `better_than`: how many groups it is distinctly better than. Sorted by rank, then mean."""
+    within = list(within)
+    _require(df, "ranks", [by, metric, pair_on, *within])
+    sign = 1.0 if lower_is_better else -1.0
+    out = []
+    groups = df.groupby(within, dropna=False) if within else [((), df)]
+    for key, part in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        means = part.groupby(by, sort=True)[metric].mean()
+        beaten_by = dict.fromkeys(means.index, 0)  # g -> number of groups distinctly better than g
+        beats = dict.fromkeys(means.index, 0)
+        for g in means.index:
+            d = paired(part, by, g, metric, pair_on, confidence)  # every h vs g: metric(h) - metric(g)
+            for _, row in d.iterrows():
+                if row["distinct"] and sign * row["diff_mean"] < 0:  # h distinctly better than g
+                    beaten_by[g] += 1
+                    beats[row[by]] += 1
+        for g, mean in means.items():
+            out.append({**dict(zip(within, key)), by: g, "mean": mean, "rank": 1 + beaten_by[g],
+                        "better_than": beats[g]})
+    t = pd.DataFrame(out, columns=[*within, by, "mean", "rank", "better_than"])
+    t["_order"] = sign * t["mean"]
+    return t.sort_values([*within, "rank", "_order"]).drop(columns="_order").reset_index(drop=True)
 
 
 def mean_se_text(mean: float, se: float, n: int, scale: float = 100.0, digits: int = 1, unit: str = "%") -> str:

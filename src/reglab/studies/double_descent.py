@@ -1,21 +1,27 @@
 """Report of a double-descent study (Nakkiran et al. 2019, "Deep Double Descent", arXiv 1912.02292): reads the
 study's finished child runs from MLflow and writes, to results/<study>/ and the parent run's artifacts,
 
-- modelwise.png / modelwise.{csv,md}: per width, over its n seeds, the mean and standard error of the final test
-  error, train error and test loss; the figure draws the means vs width (log x) with a +-1 SE band (none for n=1),
-  test and train error in one panel and test loss (whose peak is sharper) in a second, with the interpolation
-  threshold (the first width whose mean final train error is <= INTERPOLATED) and the second-descent peak, both
-  found on the means;
+- modelwise.png / modelwise.{csv,md}: per width, over its n seeds, `reglab.results.summarize` of the final test
+  error, train error, test loss and, where the children logged them, the eval-mode train error (`train_eval/err`)
+  and the weights' L2 norm (`params/l2`); the figure draws the means vs width (log x) with a +-1 SE band (none for
+  n=1), test and train error in one panel and test loss (whose peak is sharper) in a second, with the interpolation
+  threshold and the second-descent peak, both found on the means;
+- weight_norm.png (when the children logged `params/l2`): the final ||W||_2 vs width, mean +- 1 SE;
 - epochwise_heatmap.png / epochwise.{csv,md}: mean test error over seeds by width x epoch (log epoch axis), the
   paper's Figure 2;
-- epochwise_curves.png: mean test and train error vs epoch for a small, the critical and a large width;
+- epochwise_curves.png: mean test and train error, and test loss, vs epoch for a small, the critical and a large
+  width;
 - config.yaml: the study's config (the parent run's).
 
-Standard error = sample standard deviation over seeds (ddof=1) / sqrt(n): pandas' `sem`; NaN (a blank cell) for a
-width with one seed. Children that did not finish (failed, killed, running) are in no number; modelwise.md lists
-them. Train error is the mean over the epoch's batches (in train mode, on the noisy labels), as logged by the
-Classifier; test error and loss are the held-out set after each epoch (data.test_every_epoch). Epoch e in the
-tables is the state after e epochs.
+The interpolation threshold is the first width whose mean final train error is <= INTERPOLATED, measured by
+`train_eval/err` (eval mode, the full training set with its noisy labels, once after the last epoch) when every
+width has it, else by `train/err` (the mean over the last epoch's batches in train mode, as the Classifier logs it,
+on weights that move during the epoch); the table and the figure say which.
+
+Standard error = sample standard deviation over seeds (ddof=1) / sqrt(n), and the CSV's 95% interval is Student's
+t (`reglab.results.summarize`); NaN (a blank cell) for a width with one seed. Children that did not finish (failed,
+killed, running) are in no number; modelwise.md lists them. Test error and loss are the held-out set after each
+epoch (data.test_every_epoch). Epoch e in the tables is the state after e epochs.
 """
 
 from __future__ import annotations
@@ -25,61 +31,81 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reglab import results
 from reglab.errors import ReglabError
 from reglab.studies.output import markdown_table, parent_config
 
 INTERPOLATED = 0.01  # "train error ~ 0": at most 1% of the (noisy) training labels not fitted
 WIDTH, SEED = "model.width", "seed"
 METRICS = {"test_err": "test/err", "train_err": "train/err", "test_loss": "test/loss"}  # column: MLflow history
+# Logged where the children have them: train_eval/err once after the last epoch, params/l2 every epoch.
+EXTRA = {"train_eval_err": "train_eval/err", "params_l2": "params/l2"}
+THRESHOLD_BY = {  # column the interpolation threshold is read from -> how the report names it
+    "train_eval_err": "train_eval/err (eval mode, full training set, after the last epoch)",
+    "train_err": "train/err (mean over the last epoch's batches, train mode)",
+}
 
 
 def collect(client, parent) -> pd.DataFrame:
-    """One row per (finished child, epoch): run, width, seed, params, epoch and the METRICS after that epoch."""
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and attributes.status = 'FINISHED'",
-    )
-    rows = []
-    for r in runs:
-        p = r.data.params
-        width, seed = int(p[WIDTH]), int(p.get(SEED, 0))
-        params = int(float(p["model.params"])) if p.get("model.params") else None
-        h = {col: {m.step: m.value for m in client.get_metric_history(r.info.run_id, key)}
-             for col, key in METRICS.items()}
-        steps = sorted(set(h["train_err"]) & set(h["test_err"]))  # per-epoch points (the final test is one past)
-        for s in steps:
-            rows.append({"run": r.info.run_id, "width": width, "seed": seed, "params": params, "epoch": s + 1,
-                         **{col: h[col].get(s, np.nan) for col in METRICS}})
-    if not rows:
+    """One row per (finished child, epoch): run, width, seed, params, epoch and the METRICS after that epoch
+    (`reglab.results.runs` with their histories), plus the EXTRA ones: `params_l2` per epoch, and `train_eval_err`
+    on each run's last epoch (its one value, whatever step it was logged at)."""
+    keys = {**METRICS, **EXTRA}
+    df = results.runs(client, parent, history=list(keys.values()))
+    if df.empty or WIDTH not in df:
+        raise ReglabError(f"study={parent.data.tags.get('study')!r}: no finished child run with {WIDTH}, train/err "
+                          f"and test/err yet")
+    df = df.rename(columns={"run_id": "run", WIDTH: "width", SEED: "seed", "model.params": "params",
+                            **{key: col for col, key in keys.items()}})
+    for col, default in (("seed", 0), ("params", np.nan)):
+        if col not in df:
+            df[col] = default
+    last_eval = df.dropna(subset=["train_eval_err"]).sort_values("step").groupby("run")["train_eval_err"].last()
+    # per-epoch points: the final trainer.test (one step past the last epoch) has no train/err
+    df = df.dropna(subset=["train_err", "test_err"]).copy()
+    if df.empty:
         raise ReglabError(f"study={parent.data.tags.get('study')!r}: no finished child run with train/err and "
                           f"test/err yet")
-    return pd.DataFrame(rows)
+    last = df["epoch"] == df.groupby("run")["epoch"].transform("max")
+    df["train_eval_err"] = np.where(last, df["run"].map(last_eval), np.nan)
+    df["width"] = df["width"].astype(int)
+    return df[["run", "width", "seed", "params", "epoch", *keys]].reset_index(drop=True)
 
 
-def mean_se() -> dict[str, tuple[str, str]]:
-    """Named aggregations over a group's runs (its seeds): each metric's mean and standard error (pandas' sem:
-    std with ddof=1 / sqrt(n); NaN for n=1)."""
-    out = {}
-    for col in METRICS:
-        out[f"{col}_mean"] = (col, "mean")
-        out[f"{col}_se"] = (col, "sem")
-    return out
+def _metrics(df: pd.DataFrame) -> list[str]:
+    """METRICS always (a blank column says a metric was not logged), EXTRA where some run has it."""
+    return [*METRICS, *(c for c in EXTRA if c in df and df[c].notna().any())]
+
+
+def finals(history: pd.DataFrame) -> pd.DataFrame:
+    """Each run's row after its last epoch."""
+    return history[history["epoch"] == history.groupby("run")["epoch"].transform("max")]
 
 
 def modelwise_table(history: pd.DataFrame) -> pd.DataFrame:
-    """Per width: its seeds' numbers after their last epoch, as n, mean and SE."""
-    finals = history[history["epoch"] == history.groupby("run")["epoch"].transform("max")]
-    t = finals.groupby("width").agg(n=("run", "size"), params=("params", "first"), epochs=("epoch", "max"),
-                                    **mean_se())
-    return t.reset_index()  # groupby sorts by width
+    """Per width: its seeds' numbers after their last epoch, `results.summarize`d: n, and per metric its mean,
+    std (ddof=1), SE and 95% t-interval."""
+    last = finals(history)
+    t = results.summarize(last, "width", _metrics(last))  # sorted by width
+    about = last.groupby("width").agg(params=("params", "first"), epochs=("epoch", "max")).reset_index()
+    t = t.merge(about, on="width")
+    return t[["width", "n", "params", "epochs", *(c for c in t if c not in ("width", "n", "params", "epochs"))]]
 
 
 def epochwise_table(history: pd.DataFrame) -> pd.DataFrame:
-    return history.groupby(["width", "epoch"]).agg(n=("run", "size"), **mean_se()).reset_index()
+    """Per (width, epoch): n and each per-epoch metric's mean, std, SE and interval over seeds."""
+    return results.summarize(history, ["width", "epoch"], [c for c in _metrics(history) if c != "train_eval_err"])
 
 
-def interpolation_threshold(table: pd.DataFrame) -> int | None:
-    fitted = table[table["train_err_mean"] <= INTERPOLATED]
+def threshold_metric(table: pd.DataFrame) -> str:
+    """The train error the interpolation threshold is read from: train_eval_err when every width has it."""
+    col = "train_eval_err_mean"
+    return "train_eval_err" if col in table and table[col].notna().all() else "train_err"
+
+
+def interpolation_threshold(table: pd.DataFrame, metric: str | None = None) -> int | None:
+    """The first width whose mean final train error (`metric`, default `threshold_metric`) is <= INTERPOLATED."""
+    fitted = table[table[f"{metric or threshold_metric(table)}_mean"] <= INTERPOLATED]
     return int(fitted["width"].iloc[0]) if len(fitted) else None
 
 
@@ -96,18 +122,21 @@ def peak_width(table: pd.DataFrame, metric: str = "test_err") -> int:
 
 def second_descent(history: pd.DataFrame, table: pd.DataFrame) -> dict[str, float] | None:
     """Is there a second descent? The final test error at the peak width minus that at the first minimum (the lowest
-    mean test error at a smaller width), paired by seed (a seed's data, noise and order are the same at every width):
-    mean, standard error (ddof=1) and n of the per-seed differences. None without a smaller width."""
+    mean test error at a smaller width), paired by seed (a seed's data, noise and order are the same at every width;
+    `reglab.results.paired`): mean, standard error (ddof=1), 95% t-interval, n of the per-seed differences and
+    `distinct` (the interval excludes 0). None without a smaller width."""
     peak = peak_width(table)
     before = table[table["width"] < peak]
     if before.empty:
         return None
     first_min = int(before.loc[before["test_err_mean"].idxmin(), "width"])
-    finals = history[history["epoch"] == history.groupby("run")["epoch"].transform("max")]
-    by_seed = finals.pivot_table(index="seed", columns="width", values="test_err")
-    diff = (by_seed[peak] - by_seed[first_min]).dropna()
-    return {"peak_width": float(peak), "first_min_width": float(first_min), "peak_minus_first_min": diff.mean(),
-            "peak_minus_first_min_se": diff.sem(), "n": float(len(diff))}
+    d = results.paired(finals(history), "width", first_min, "test_err", pair_on="seed")
+    row = d[d["width"] == peak].iloc[0]
+    return {"peak_width": float(peak), "first_min_width": float(first_min),
+            "peak_minus_first_min": float(row["diff_mean"]), "peak_minus_first_min_se": float(row["diff_se"]),
+            "peak_minus_first_min_ci_low": float(row["diff_ci_low"]),
+            "peak_minus_first_min_ci_high": float(row["diff_ci_high"]), "n": float(row["n"]),
+            "distinct": bool(row["distinct"])}
 
 
 def seeds_text(table: pd.DataFrame) -> str:
@@ -135,6 +164,9 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
         axis.set_minor_formatter(NullFormatter())
 
     critical = interpolation_threshold(table)
+    by = threshold_metric(table)
+    threshold_label = (f"interpolation threshold (mean {METRICS.get(by) or EXTRA[by]} <= {100 * INTERPOLATED:.0f}%): "
+                       f"width {critical}")
     band = f"mean ± 1 SE, {seeds_text(table)}" if table["n"].max() > 1 else "one seed"
 
     # Model-wise: final errors (left) and test loss (right) vs width, mean +- 1 SE over seeds.
@@ -147,16 +179,16 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
         axis.fill_between(w, mean - se, mean + se, color=color, alpha=0.2)  # NaN SE (n=1): no band there
 
     curve(ax, "test_err", 100, "test error", "tab:red")
-    curve(ax, "train_err", 100, "train error (noisy labels)", "tab:blue")
+    curve(ax, "train_err", 100, "train error (noisy labels, train mode)", "tab:blue")
+    if "train_eval_err_mean" in table:
+        curve(ax, "train_eval_err", 100, "train error (noisy labels, eval mode)", "tab:cyan")
     curve(ax_loss, "test_loss", 1, "test loss", "tab:purple")
     # Legends where the curves are not: error falls from the left, loss is low on the left.
     peaks = ((ax, "test_err", 100, "test-error peak: {:.1f}%", "lower left"),
              (ax_loss, "test_loss", 1, "test-loss peak: {:.3f}", "center left"))
     for axis, col, scale, text, where in peaks:
         if critical is not None:
-            axis.axvline(critical, color="gray", ls="--", lw=1,
-                         label=f"interpolation threshold (mean train err <= {100 * INTERPOLATED:.0f}%): "
-                               f"width {critical}")
+            axis.axvline(critical, color="gray", ls="--", lw=1, label=threshold_label)
         if table[f"{col}_mean"].notna().any():
             peak = table[table["width"] == peak_width(table, col)].iloc[0]
             y = scale * peak[f"{col}_mean"]
@@ -175,6 +207,24 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
     fig.tight_layout()
     fig.savefig(out / "modelwise.png", dpi=130)
     plt.close(fig)
+
+    # Weight norm vs width: the final ||W||_2 (params/l2, the matrices a penalty would act on), mean +- 1 SE.
+    if "params_l2_mean" in table:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        curve(ax, "params_l2", 1, "final weight norm ||W||₂", "tab:green")
+        if critical is not None:
+            ax.axvline(critical, color="gray", ls="--", lw=1, label=threshold_label)
+        ax.set_xscale("log")
+        plain_log_axis(ax.xaxis, list(w))
+        ax.set_ylim(0, None)
+        ax.set_xlabel("width (log scale)")
+        ax.set_ylabel("||W||₂ over the weight matrices")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="upper left")
+        ax.set_title(f"Weight norm vs width: {study}\n{subtitle}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out / "weight_norm.png", dpi=130)
+        plt.close(fig)
 
     # Epoch-wise heatmap: widths (rows) x epochs (columns), log epoch axis; mean over seeds.
     grid = epochwise.pivot(index="width", columns="epoch", values="test_err_mean").sort_index()
@@ -198,21 +248,29 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
     fig.savefig(out / "epochwise_heatmap.png", dpi=130)
     plt.close(fig)
 
-    # Epoch-wise curves for a small, the critical and a large width; mean over seeds.
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Epoch-wise curves for a small, the critical and a large width; mean over seeds: errors (left), test loss
+    # (right, when logged).
+    loss = epochwise["test_loss_mean"].notna().any()
+    fig, axes = plt.subplots(1, 2 if loss else 1, figsize=(12 if loss else 7, 4.5), squeeze=False)
+    ax, ax_loss = axes[0][0], (axes[0][1] if loss else None)
     colors = plt.get_cmap("plasma")(np.linspace(0.1, 0.8, 3))
     for color, width in zip(colors, _pick_widths(table, critical)):
         h = epochwise[epochwise["width"] == width]
         tag = " (interpolation threshold)" if width == critical else ""
         ax.plot(h["epoch"], 100 * h["test_err_mean"], color=color, label=f"width {width}{tag}: test")
         ax.plot(h["epoch"], 100 * h["train_err_mean"], color=color, ls=":", label=f"width {width}: train")
-    ax.set_xscale("log")
-    plain_log_axis(ax.xaxis)
-    ax.set_xlabel("epoch (log scale)")
-    ax.set_ylabel("error (%), mean over seeds")
-    ax.set_title(f"Epoch-wise double descent: {study}\n{subtitle}", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+        if ax_loss is not None:
+            ax_loss.plot(h["epoch"], h["test_loss_mean"], color=color, label=f"width {width}{tag}: test loss")
+    for axis, ylabel in ((ax, "error (%), mean over seeds"), (ax_loss, "test loss (cross-entropy), mean over seeds")):
+        if axis is None:
+            continue
+        axis.set_xscale("log")
+        plain_log_axis(axis.xaxis)
+        axis.set_xlabel("epoch (log scale)")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3, which="both")
+        axis.legend(fontsize=8)
+    fig.suptitle(f"Epoch-wise double descent: {study}\n{subtitle}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "epochwise_curves.png", dpi=130)
     plt.close(fig)
@@ -247,6 +305,9 @@ def left_out_note(client, parent) -> str:
     return f"Left out: {len(runs)} child run(s) that did not finish.\n\n" + "\n".join(items) + "\n\n"
 
 
+HEADLINE_DESCENT = ("peak_width", "first_min_width", "peak_minus_first_min", "peak_minus_first_min_se")
+
+
 def headline(client, parent, table: pd.DataFrame, descent: dict[str, float] | None) -> None:
     """The study's headline as metrics of its parent run, so the MLflow UI shows the curve without opening a child:
     modelwise/{test_err,train_err,test_loss} = the means over seeds with step = width (the parent's chart view draws
@@ -263,7 +324,7 @@ def headline(client, parent, table: pd.DataFrame, descent: dict[str, float] | No
     critical = interpolation_threshold(table)
     if critical is not None:
         summary["threshold_width"] = float(critical)
-    summary.update({k: v for k, v in (descent or {}).items() if k != "n"})
+    summary.update({k: (descent or {})[k] for k in HEADLINE_DESCENT if k in (descent or {})})
     points += [(f"summary/{k}", float(v), 0) for k, v in summary.items() if pd.notna(v)]
     held = {(k, m.step, m.value) for k in {k for k, _, _ in points} for m in client.get_metric_history(
         parent.info.run_id, k)}
@@ -280,20 +341,27 @@ def report(client, parent, out: Path) -> None:
 
     table.to_csv(out / "modelwise.csv", index=False)
     critical = interpolation_threshold(table)
+    by = threshold_metric(table)
     note = (f"Mean over {seeds_text(table)} per width; `_se` = standard error (sample std, ddof=1, / sqrt(n); blank "
-            f"for n=1).\n\nInterpolation threshold (first width with mean final train error <= {INTERPOLATED:.0%}): "
-            f"{critical if critical is not None else 'not reached'}. Test-error peak (second descent): width "
-            f"{peak_width(table)}.")
+            f"for n=1); modelwise.csv also has the std and the 95% t-interval (`_ci_low`, `_ci_high`) of each."
+            f"\n\nInterpolation threshold (first width with mean final train error <= {INTERPOLATED:.0%}, by "
+            f"{THRESHOLD_BY[by]}): {critical if critical is not None else 'not reached'}. Test-error peak (second "
+            f"descent): width {peak_width(table)}.")
     if table["test_loss_mean"].notna().any():
         note += f" Test-loss peak: width {peak_width(table, 'test_loss')}."
     descent = second_descent(history, table)
     if descent is not None:
+        ci = (f", 95% CI [{descent['peak_minus_first_min_ci_low']:.4f}, {descent['peak_minus_first_min_ci_high']:.4f}]"
+              f"{'' if descent['distinct'] else ': not distinguishable from 0'}"
+              if np.isfinite(descent["peak_minus_first_min_ci_low"]) else "")
         note += (f" Peak minus first minimum (width {descent['peak_width']:.0f} minus width "
                  f"{descent['first_min_width']:.0f}, final test error, paired by seed): "
                  f"{descent['peak_minus_first_min']:.4f} ± {descent['peak_minus_first_min_se']:.4f} (SE, "
-                 f"n={descent['n']:.0f}).")
+                 f"n={descent['n']:.0f}{ci}).")
     note += "\n\n" + left_out_note(client, parent)
-    (out / "modelwise.md").write_text(f"# {study}: model-wise\n\n{note}" + markdown_table(table))
+    shown = ["width", "n", "params", "epochs", *(f"{m}_{stat}" for m in (*METRICS, *EXTRA)
+                                                  if f"{m}_mean" in table for stat in ("mean", "se"))]
+    (out / "modelwise.md").write_text(f"# {study}: model-wise\n\n{note}" + markdown_table(table[shown]))
     epochwise.to_csv(out / "epochwise.csv", index=False)
     last = int(epochwise["epoch"].max())
     shown = [e for e in MARKDOWN_EPOCHS if e < last] + [last]
