@@ -134,3 +134,43 @@ def test_config_defaults_and_errors(tmp_root):
         build_model(compose(["model.norm=instance"]), (1, 8, 8), 10)
     with pytest.raises(ConfigError, match="norm_position"):
         build_model(compose(["model.norm_position=middle"]), (1, 8, 8), 10)
+
+
+def _group_norms(net):
+    return [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
+
+
+def test_group_count_is_model_norm_groups_and_degenerate_widths_warn_once(caplog):
+    """gcd(C, model.norm_groups) groups per layer; one warning per model naming the widths where that is 1 group
+    (layer norm) or 1 channel per group (instance norm), none where it is real group norm."""
+    with caplog.at_level("WARNING", logger="reglab.regularization.normalization"):
+        wide = MLP((10,), 3, width=64, depth=2, norm="group")
+        assert [(g.num_groups, g.num_channels) for g in _group_norms(wide)] == [(32, 64)] * 2  # 2 units per group
+        eight = MLP((10,), 3, width=64, depth=2, norm="group", norm_groups=8)
+        assert {g.num_groups for g in _group_norms(eight)} == {8}
+        assert caplog.records == []
+        odd = MLP((10,), 3, width=47, depth=2, norm="group")
+        assert {g.num_groups for g in _group_norms(odd)} == {1}  # gcd(47, 32) = 1: layer norm
+        resnet = ResNet18((1, 8, 8), 3, width=4, norm="group")
+        assert all(g.num_groups == g.num_channels for g in _group_norms(resnet))  # 4..32 channels, 1 per group
+    mlp_warning, resnet_warning = (r.getMessage() for r in caplog.records)  # one per model, not one per layer
+    assert mlp_warning.startswith("MLP(width=47)") and "C = 47 it is 1 group = layer norm" in mlp_warning
+    assert "C = 4, 8, 16, 32 it is 1 channel per group = instance norm" in resnet_warning
+    # norm_groups=2: every ResNet18(width=4) layer (4..32 channels) has 2 groups, real group norm, no warning.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="reglab.regularization.normalization"):
+        assert {g.num_groups for g in _group_norms(ResNet18((1, 8, 8), 3, width=4, norm="group", norm_groups=2))} \
+            == {2}
+    assert caplog.records == []
+
+
+def test_norm_groups_from_the_config(tmp_root):
+    from conftest import compose
+    from reglab.errors import ConfigError
+    from reglab.train import build_model
+
+    assert compose([]).model.norm_groups == 32 and compose(["model=resnet18"]).model.norm_groups == 32
+    net = build_model(compose(["model.norm=group", "model.norm_groups=16", "model.width=48"]), (1, 8, 8), 10)
+    assert {g.num_groups for g in _group_norms(net)} == {16}  # gcd(48, 16)
+    with pytest.raises(ConfigError, match=r"model\.norm_groups=0"):
+        build_model(compose(["model.norm=group", "model.norm_groups=0"]), (1, 8, 8), 10)

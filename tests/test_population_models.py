@@ -283,6 +283,9 @@ def test_channels_last_gives_the_same_logits_and_trains():
     [
         (lambda: mlps([8, 8], norm="group"), "model.norm=group cannot be fused"),
         (lambda: resnets(2, norm="layer"), "model.norm=layer cannot be fused"),
+        # Group norm by the models' rule, gcd(C, norm_groups): at width 4 every layer is instance norm, still "group".
+        (lambda: resnets(2, width=4, norm="group"), "model.norm=group cannot be fused"),
+        (lambda: resnets(1, norm="group") + resnets(1, norm="group", norm_groups=1), "model.norm_groups"),
         (lambda: resnets(1) + resnets(1, width=4), "model.width"),
         (lambda: mlps([8]) + mlps([8], activation="tanh"), "model.activation"),
         (lambda: mlps([8, 8]) + resnets(1), "all MLPs or all ResNet18s"),
@@ -316,6 +319,13 @@ def test_members_whose_slots_differ_cannot_be_fused():
     r1.head_dropout = InvertedDropout(0.5)
     with pytest.raises(ValueError, match="head_dropout"):
         PopulationResNet18([r1, r2])
+    if hasattr(r2.stages[0][0], "drop_path"):  # stochastic depth drops a sample's branch: per sample, not member
+        from torchvision.ops import StochasticDepth
+
+        r3, r4 = resnets(2)
+        for net in (r3, r4):
+            net.stages[1][0].drop_path = StochasticDepth(0.2, "row")
+        assert "stages[1][0].drop_path" in fusable([r3, r4])
 
 
 def test_repr_names_members_and_widths():

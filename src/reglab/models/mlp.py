@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from reglab.regularization.normalization import check_position, make_norm
+from reglab.regularization.normalization import GROUPS, check_groups, check_position, make_norm, warn_degenerate_groups
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "silu": nn.SiLU}
 
@@ -23,10 +23,11 @@ def make_activation(name: str) -> nn.Module:
 
 
 class HiddenLayer(nn.Module):
-    def __init__(self, in_features: int, width: int, activation: str, norm: str, norm_position: str):
+    def __init__(self, in_features: int, width: int, activation: str, norm: str, norm_position: str,
+                 norm_groups: int = GROUPS):
         super().__init__()
         self.linear = nn.Linear(in_features, width)
-        self.norm = make_norm(norm, width, spatial=False)
+        self.norm = make_norm(norm, width, spatial=False, groups=norm_groups)
         self.act = make_activation(activation)
         self.norm_first = norm_position == "pre"
         self.dropout: nn.Module = nn.Identity()
@@ -47,6 +48,7 @@ class MLP(nn.Module):
         activation: str = "relu",
         norm: str = "none",
         norm_position: str = "pre",
+        norm_groups: int = GROUPS,
     ):
         super().__init__()
         if width < 1:
@@ -54,13 +56,15 @@ class MLP(nn.Module):
         if depth < 0:
             raise ValueError(f"model.depth must be >= 0, got {depth}")
         check_position(norm_position)
-        self.width, self.depth = width, depth
+        self.width, self.depth, self.norm_groups = width, depth, check_groups(norm_groups)
         in_features = math.prod(input_shape)
         self.input_dropout: nn.Module = nn.Identity()
         self.hidden = nn.ModuleList(
-            HiddenLayer(in_features if i == 0 else width, width, activation, norm, norm_position)
+            HiddenLayer(in_features if i == 0 else width, width, activation, norm, norm_position, norm_groups)
             for i in range(depth)
         )
+        if norm == "group" and depth:
+            warn_degenerate_groups(f"MLP(width={width})", [width], norm_groups, spatial=False)
         self.head = nn.Linear(width if depth else in_features, num_classes)
 
     @property

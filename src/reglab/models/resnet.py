@@ -14,15 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reglab.regularization.normalization import check_position, make_norm
+from reglab.regularization.normalization import GROUPS, check_groups, check_position, make_norm, warn_degenerate_groups
 
 
 class PreActBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int, norm: str, norm_position: str):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, norm: str, norm_position: str,
+                 norm_groups: int = GROUPS):
         super().__init__()
-        self.norm1 = make_norm(norm, in_ch, spatial=True)
+        self.norm1 = make_norm(norm, in_ch, spatial=True, groups=norm_groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.norm2 = make_norm(norm, out_ch, spatial=True)
+        self.norm2 = make_norm(norm, out_ch, spatial=True, groups=norm_groups)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
         self.act = nn.ReLU()
         self.norm_first = norm_position == "pre"
@@ -50,6 +51,7 @@ class ResNet18(nn.Module):
         width: int = 64,
         norm: str = "batch",
         norm_position: str = "pre",
+        norm_groups: int = GROUPS,
     ):
         super().__init__()
         if width < 1:
@@ -57,7 +59,7 @@ class ResNet18(nn.Module):
         if len(input_shape) != 3:
             raise ValueError(f"ResNet18 needs image inputs (C, H, W), got shape {tuple(input_shape)}")
         check_position(norm_position)
-        self.width = width
+        self.width, self.norm_groups = width, check_groups(norm_groups)
         widths = [width, 2 * width, 4 * width, 8 * width]
         self.stem = nn.Conv2d(input_shape[0], width, 3, 1, 1, bias=False)
         stages, in_ch = [], width
@@ -65,15 +67,17 @@ class ResNet18(nn.Module):
             stride = 1 if i == 0 else 2
             stages.append(
                 nn.Sequential(
-                    PreActBlock(in_ch, out_ch, stride, norm, norm_position),
-                    PreActBlock(out_ch, out_ch, 1, norm, norm_position),
+                    PreActBlock(in_ch, out_ch, stride, norm, norm_position, norm_groups),
+                    PreActBlock(out_ch, out_ch, 1, norm, norm_position, norm_groups),
                 )
             )
             in_ch = out_ch
         self.stages = nn.ModuleList(stages)
         self.stage_dropout = nn.ModuleList(nn.Identity() for _ in stages)
         # Pre-activation nets end with norm + ReLU before pooling: the last block's output is not activated.
-        self.final_norm = make_norm(norm, in_ch, spatial=True)
+        self.final_norm = make_norm(norm, in_ch, spatial=True, groups=norm_groups)
+        if norm == "group":
+            warn_degenerate_groups(f"ResNet18(width={width})", widths, norm_groups, spatial=True)
         self.act = nn.ReLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head_dropout: nn.Module = nn.Identity()

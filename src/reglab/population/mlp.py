@@ -44,6 +44,8 @@ def _signature(net: MLP) -> dict[str, object]:
         "model.activation": repr(first.act) if first else None,
         "model.norm": _norm_kind(net),
     }
+    if sig["model.norm"] == "group":
+        sig["model.norm_groups"] = net.norm_groups
     if sig["model.norm"] != "none":
         sig["model.norm_position"] = "pre" if first.norm_first else "post"
         sig["norm settings"] = norm_settings(first.norm)

@@ -28,12 +28,13 @@ FUSABLE_NORMS = ("batch", "none")
 
 
 def _norm_kind(net: ResNet18) -> str:
-    norm = net.final_norm  # 8k >= 8 channels: one group is layer norm, never group_count's choice
+    norm = net.final_norm
     if isinstance(norm, nn.GroupNorm):
-        if norm.num_groups == 1:
-            return "layer"
-        # With <= 32 channels group norm has one group per channel too: the same model, called group here.
-        return "group" if norm.num_groups == group_count(norm.num_channels) else "instance"
+        # The models' rule, gcd(C, model.norm_groups) groups: where that is 1 or C, group norm is the same model as
+        # layer or instance norm and is called group here (it cannot be fused either way).
+        if norm.num_groups == group_count(norm.num_channels, net.norm_groups):
+            return "group"
+        return "layer" if norm.num_groups == 1 else "instance"
     kinds = {nn.Identity: "none", nn.BatchNorm2d: "batch"}
     return kinds.get(type(norm), type(norm).__name__)
 
@@ -45,6 +46,8 @@ def _signature(net: ResNet18) -> dict[str, object]:
         "num_classes": net.head.out_features,
         "model.norm": _norm_kind(net),
     }
+    if sig["model.norm"] == "group":
+        sig["model.norm_groups"] = net.norm_groups
     if sig["model.norm"] != "none":
         sig["model.norm_position"] = "pre" if net.stages[0][0].norm_first else "post"
         sig["norm settings"] = norm_settings(net.final_norm)
@@ -64,7 +67,11 @@ def fusable(nets: list[nn.Module]) -> str | None:
     if norm_settings(first.final_norm).startswith("nonstandard"):
         return f"norm {norm_settings(first.final_norm)} cannot be fused"
     slots = {f"stage_dropout[{i}]": drop for i, drop in enumerate(first.stage_dropout)}
-    return (slot_reason(slots, ELEMENTWISE + (SpatialDropout,))
+    # A residual block's drop_path slot (stochastic depth) would drop one sample's branch for every member at once.
+    paths = {f"stages[{s}][{b}].drop_path": block.drop_path for s, stage in enumerate(first.stages)
+             for b, block in enumerate(stage) if hasattr(block, "drop_path")}
+    return (slot_reason(paths, (nn.Identity,))
+            or slot_reason(slots, ELEMENTWISE + (SpatialDropout,))
             or slot_reason({"head_dropout": first.head_dropout}, ELEMENTWISE)
             or slot_reason({"head": first.head}, LINEARS))
 
@@ -115,6 +122,8 @@ class StackedPreActBlock(PreActBlock):
         self.act = copy.deepcopy(first.act)
         self.norm_first = first.norm_first
         self.shortcut = None if first.shortcut is None else StackedConv2d([b.shortcut for b in blocks])
+        if hasattr(first, "drop_path"):
+            self.drop_path = copy.deepcopy(first.drop_path)  # nn.Identity (fusable() refuses anything else)
 
 
 class PopulationResNet18(Population):
