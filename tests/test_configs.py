@@ -23,7 +23,7 @@ FILES = sorted(p.relative_to(CONF) for p in CONF.rglob("*.yaml") if p.name != "t
 # The input each model family is tried on when its dataset's files are not here: MLPs on digits-shaped data, ResNets
 # on CIFAR-shaped images.
 SHAPES = {"MLP": (1, 8, 8), "ResNet18": (3, 32, 32)}
-RESNET_ONLY = {"spatial_dropout"}  # feature-map regularizers: an MLP has none, and says so at start
+RESNET_ONLY = {"spatial_dropout", "stochastic_depth"}  # feature maps, residual blocks: an MLP has none, says so at start
 
 
 def override_for(rel: Path) -> tuple[list[str], bool]:

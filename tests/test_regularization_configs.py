@@ -12,7 +12,7 @@ from reglab.models import MLP, ResNet18
 
 REGULARIZATION = sorted(p.stem for p in (CONF / "regularization").glob("*.yaml"))
 AUGMENTATION = sorted(p.stem for p in (CONF / "augmentation").glob("*.yaml"))
-RESNET_ONLY = {"spatial_dropout"}  # feature-map techniques; trained on a width-4 ResNet18, 300 images
+RESNET_ONLY = {"spatial_dropout", "stochastic_depth"}  # feature maps, residual blocks; a width-4 ResNet18, 300 images
 LEAN = ("model.width=64", "optim.lr=0.01", "callbacks.early_stopping=null", "callbacks.checkpoint=null")
 PENALTY = {"l1", "l2", "elastic_net"}  # add a term to the loss -> train/penalty/<name>
 

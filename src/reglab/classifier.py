@@ -15,10 +15,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from reglab.population.base import member_losses
 from reglab.errors import CheckpointError, ConfigError, DivergenceError
+from reglab.regularization.averaging import WeightAveraging, has_batch_norm
 from reglab.regularization.base import Regularizer
 from reglab.regularization.penalties import is_matrix, tensor_stats, weight_stats
 
@@ -54,6 +57,25 @@ class Classifier(L.LightningModule):
         for name, reg in self.regularizers.items():
             reg.name = name
             reg.attach(net)
+        # What a regularizer may hold besides base.py's hooks: `label_smoothing`, the eps of the training loss
+        # (regularization/smoothing.py); `mix(x, y)`, a training batch -> (inputs, soft targets) (mixing.py); a
+        # WeightAveraging, whose average of the weights is evaluated in their place (averaging.py). One of each.
+        smoothing = [r for r in self.regularizers.values() if getattr(r, "label_smoothing", 0.0)]
+        self.mixers = [r for r in self.regularizers.values() if callable(getattr(r, "mix", None))]
+        averaging = [r for r in self.regularizers.values() if isinstance(r, WeightAveraging)]
+        for what, regs in (("smooth the labels", smoothing), ("mix the training batch", self.mixers),
+                           ("average the weights", averaging)):
+            if len(regs) > 1:
+                raise ConfigError(f"regularization: {' and '.join(r.name for r in regs)} both {what}; use one")
+        self.label_smoothing = smoothing[0].label_smoothing if smoothing else 0.0
+        if self.mixers and getattr(net, "members", None) is not None:
+            raise ConfigError(f"regularization.{self.mixers[0].name}: a population mixes no batch (train solo)")
+        self.averaging: WeightAveraging | None = averaging[0] if averaging else None
+        # A submodule, made after every regularizer has put its modules into `net`: its weights, buffers and
+        # n_averaged are in state_dict, so every checkpoint carries the average and a resumed run continues it.
+        self.averaged = self.averaging.average(net) if self.averaging else None
+        self._evaluate_average = False  # per evaluation epoch: once the average holds at least one step
+        self._bn_at = -1  # n_averaged when the average's batch-norm statistics were last recomputed (SWA)
         # NaN/inf check of the loss: every step on CPU (free), at epoch end on accelerators (a per-step check
         # would synchronize the device each step); "step" forces every step everywhere.
         self.check_finite = check_finite
@@ -179,15 +201,23 @@ class Classifier(L.LightningModule):
 
     def _step(self, stage: str, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
-        logits = self.net(x)
+        training = stage == "train"
+        if training and self.mixers:  # y (B,) -> soft targets (B, C)
+            x, y = self.mixers[0].mix(x, y)
+        logits = (self.averaged if self._evaluate_average and not training else self.net)(x)
+        eps = self.label_smoothing if training else 0.0  # val/test losses stay plain cross-entropy
         if self.members is None:  # (B, C)
-            loss = F.cross_entropy(logits, y)
-            correct = (logits.argmax(-1) == y).sum().float()
+            loss = F.cross_entropy(logits, y, label_smoothing=eps)
+            # With soft targets (mixup, cutmix) a prediction counts as correct when it is the target's dominant
+            # label, the one with weight max(lam, 1 - lam): train/acc and train/err are measured against it.
+            label = y if y.dim() == 1 else y.argmax(-1)
+            correct = (logits.argmax(-1) == label).sum().float()
         else:  # (M, B, C); y (M, B), each member's own labels, or (B,), a split all members share
             y = y.expand(logits.shape[:2]) if y.dim() == 1 else y
-            loss = member_losses(logits, y)
+            loss = member_losses(logits, y) if not eps else \
+                F.cross_entropy(logits.transpose(1, 2), y, reduction="none", label_smoothing=eps).mean(1)
             correct = (logits.argmax(-1) == y).sum(-1).float()
-        n = torch.full_like(correct, float(y.shape[-1]))
+        n = torch.full_like(correct, float(logits.shape[-2]))  # the batch size B
         self._accumulate(stage, {"loss_sum": loss.detach() * n, "correct": correct, "n": n})
         return loss, logits
 
@@ -225,12 +255,44 @@ class Classifier(L.LightningModule):
             optimizer = self.optimizers(use_pl_optimizer=False)
             for reg in self.regularizers.values():
                 reg.after_step(self.net, optimizer)
+        if self.averaging is not None and self.averaging.due(
+                self.current_epoch, self.trainer.max_epochs or 1, batch_idx + 1 == self.trainer.num_training_batches):
+            self.averaged.update_parameters(self.net)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
         self._write_pending()
 
     # --- evaluation -----------------------------------------------------------------------------------------
+    def _prepare_average(self) -> None:
+        """Before an evaluation epoch: evaluate the average once it holds a step; for SWA, first give it batch-norm
+        statistics of its own weights (update_bn over the training split), once per new average."""
+        if self.averaged is None:
+            return
+        n = int(self.averaged.n_averaged)  # one device sync per evaluation epoch
+        self._evaluate_average = n > 0
+        if self._evaluate_average and self.averaging.recompute_bn and n != self._bn_at \
+                and has_batch_norm(self.averaged):
+            update_bn(self._training_inputs(), self.averaged)
+            self._bn_at = n
+
+    def _training_inputs(self):
+        """The training split's inputs as a training step sees them (on the device, normalized), unaugmented."""
+        dm = self.trainer.datamodule
+        loader = dm.train_dataloader() if dm is not None else self.trainer.train_dataloader
+        for batch in loader:
+            batch = move_data_to_device(batch, self.device)
+            yield (dm.on_after_batch_transfer(batch, 0) if dm is not None else batch)[0]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._bn_at = -1  # other weights: the average's batch-norm statistics are recomputed before use
+
+    def on_validation_epoch_start(self) -> None:
+        self._prepare_average()
+
+    def on_test_epoch_start(self) -> None:
+        self._prepare_average()
+
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         # The data module names its validation loaders: ("val",) or, with data.test_every_epoch, ("val", "test").
         stages = getattr(self.trainer.datamodule, "eval_stages", ("val",))

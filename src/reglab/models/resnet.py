@@ -30,6 +30,7 @@ class PreActBlock(nn.Module):
         self.shortcut = None
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
+        self.drop_path: nn.Module = nn.Identity()  # stochastic depth's slot (regularization/stochastic_depth.py)
 
     def _pre(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.act(norm(x)) if self.norm_first else norm(self.act(x))
@@ -40,7 +41,7 @@ class PreActBlock(nn.Module):
         skip = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
         out = self.conv2(self._pre(self.norm2, out))
-        return out + skip
+        return self.drop_path(out) + skip
 
 
 class ResNet18(nn.Module):
