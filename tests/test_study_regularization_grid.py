@@ -1,14 +1,18 @@
 """+exp=regularization_grid end to end, made tiny (2 techniques x 2 training-set sizes x 2 seeds, 2 epochs) through
-the real CLI into an MLflow store: the table is the runs' MLflow metrics, sorted best to worst, the recipe is named,
-and the learning-curve figure appears because the study has a data.train_size axis. The presets themselves
+the real CLI into an MLflow store: the table is the runs' MLflow metrics (mean, SE with ddof=1), ranked, the recipe is
+named, the paired differences from `none` are per seed, and the learning-curve figure appears because the study has a
+data.train_size axis. The ranking's ties and the paired table on a small hand-made store. The presets themselves
 (grid, learning curve, ResNet18) compose with their axes and say what they cost."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import CONF
+from scipy import stats
 from train_cli import run_study
 
 EXPERIMENT = "regularization_grid_test"
@@ -34,27 +38,97 @@ def test_grid_table_is_the_runs_mlflow_metrics_best_to_worst(study):
         recipe = row.technique != "none"
         runs = [k for k in kids if int(k.data.params["data.train_size"]) == row.train_size
                 and ("regularization.l2.strength" in k.data.params) == recipe]
-        assert len(runs) == 2 and row.seeds == 2
+        assert len(runs) == 2 and row.n == 2
         test = np.array([k.data.metrics["test/err"] for k in runs])
         train = np.array([k.data.metrics["train/err"] for k in runs])
         zero = np.array([k.data.metrics["params/zero_frac"] for k in runs])
         assert row.test_err_mean == pytest.approx(test.mean(), abs=1e-12)
-        assert row.test_err_std == pytest.approx(test.std(), abs=1e-12)
+        assert row.test_err_std == pytest.approx(test.std(ddof=1), abs=1e-12)
+        assert row.test_err_se == pytest.approx(test.std(ddof=1) / math.sqrt(2), abs=1e-12)
         assert row.train_err_mean == pytest.approx(train.mean(), abs=1e-12)
         assert row.gap_mean == pytest.approx((test - train).mean(), abs=1e-12)
         assert row.zero_frac_mean == pytest.approx(zero.mean(), abs=1e-12)
         assert all((k.data.params["model.norm"] == "batch") == recipe for k in runs)  # the recipe's batch norm
-    # Sorted: largest training set first, then best (lowest mean test error) to worst.
+    # Sorted: largest training set first, then by rank; ranks start at 1 and never contradict the means.
     assert list(table["train_size"]) == [120, 120, 60, 60]
     for size in (60, 120):
-        errs = table[table.train_size == size]["test_err_mean"].to_list()
-        assert errs == sorted(errs)
-    files = {"grid.png", "grid.csv", "grid.md", "runs.csv", "learning_curve.png", "config.yaml"}
+        part = table[table.train_size == size]
+        assert part["rank"].min() == 1 and list(part["rank"]) == sorted(part["rank"])
+    # paired.csv: the recipe minus none on the same seed, per training-set size.
+    paired = pd.read_csv(out / "paired.csv")
+    assert len(paired) == 2 and (paired["n"] == 2).all()
+    for _, row in paired.iterrows():
+        by = {(("regularization.l2.strength" in k.data.params), int(k.data.params["seed"])): k.data.metrics["test/err"]
+              for k in kids if int(k.data.params["data.train_size"]) == row.train_size}
+        d = np.array([by[True, s] - by[False, s] for s in (0, 1)])
+        assert row.diff_mean == pytest.approx(d.mean(), abs=1e-12)
+        assert row.diff_se == pytest.approx(d.std(ddof=1) / math.sqrt(2), abs=1e-12)
+    files = {"grid.png", "grid.csv", "grid.md", "paired.csv", "paired.md", "runs.csv", "learning_curve.png",
+             "config.yaml"}
     assert files <= {p.name for p in out.iterdir()}
     assert files <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     for png in ("grid.png", "learning_curve.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def small_grid(uri: str):
+    """A grid parent with 3 seeds x {none, dropout, l2, max_norm} at one training-set size, written as a sweep writes
+    it. Each seed shifts every technique alike by OFFSET[seed] (its data); on top: dropout 10 points better than none,
+    l2 and max_norm within +-0.2 points of none."""
+    from mlflow.tracking import MlflowClient
+
+    from reglab.runs.study import child_tags
+
+    client = MlflowClient(uri)
+    exp = client.create_experiment("small_grid")
+    parent = client.create_run(exp, run_name="small_grid", tags={"study": "small_grid", "reglab.role": "parent"})
+    params = {"none": {}, "dropout": {"regularization.dropout._target_": "x", "regularization.dropout.keep_prob": "0.5"},
+              "l2": {"regularization.l2._target_": "x", "regularization.l2.strength": "0.0005"},
+              "max_norm": {"regularization.max_norm._target_": "x", "regularization.max_norm.max_norm": "3.0"}}
+    for name, err in SMALL_GRID.items():
+        for seed, e in enumerate(err):
+            run = client.create_run(exp, tags=child_tags(parent.info.run_id, "small_grid")).info.run_id
+            for k, v in {**params[name], "seed": seed, "data.train_size": 300, "model.norm": "none"}.items():
+                client.log_param(run, k, v)
+            client.log_metric(run, "test/err", e)
+            client.log_metric(run, "train/err", 0.0)
+            client.set_terminated(run)
+    return client, parent
+
+
+OFFSET = (0.0, 0.06, -0.05)  # what each seed's data does to every technique
+SMALL_GRID = {"none": [0.30 + o for o in OFFSET],
+              "dropout": [0.20 + o + d for o, d in zip(OFFSET, (0.0, 0.004, -0.003))],
+              "l2": [0.30 + o + d for o, d in zip(OFFSET, (-0.002, 0.001, -0.004))],
+              "max_norm": [0.30 + o + d for o, d in zip(OFFSET, (0.002, -0.001, 0.002))]}
+
+
+def test_grid_report_pairs_by_seed_and_ranks_techniques_inside_the_noise_as_ties(mlflow_uri, tmp_path):
+    from reglab.studies import regularization_grid as rg
+
+    client, parent = small_grid(mlflow_uri)
+    rg.report(client, parent, tmp_path)
+    paired = pd.read_csv(tmp_path / "paired.csv").set_index("technique")
+    assert sorted(paired.index) == ["dropout keep 0.5", "l2 0.0005", "max_norm c=3"] and (paired["n"] == 3).all()
+    d = np.subtract(SMALL_GRID["dropout"], SMALL_GRID["none"])  # the seed offsets cancel: -0.1 +- 0.004
+    half = stats.t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)
+    row = paired.loc["dropout keep 0.5"]
+    assert (row.diff_mean, row.diff_ci_low, row.diff_ci_high) == pytest.approx((d.mean(), d.mean() - half,
+                                                                                d.mean() + half))
+    assert row.distinct and not paired.loc["l2 0.0005", "distinct"] and not paired.loc["max_norm c=3", "distinct"]
+    grid = pd.read_csv(tmp_path / "grid.csv").set_index("technique")
+    # Unpaired, the seeds' spread hides even dropout's 10 points: the two techniques' own intervals overlap.
+    assert grid.loc["dropout keep 0.5", "test_err_ci_high"] > grid.loc["none", "test_err_ci_low"]
+    assert grid.loc["dropout keep 0.5", "rank"] == 1
+    assert {grid.loc[t, "rank"] for t in ("none", "l2 0.0005", "max_norm c=3")} == {2}  # ties: inside the noise
+    assert grid.loc["dropout keep 0.5", "vs_none_distinct"] and math.isnan(grid.loc["none", "vs_none_mean"])
+    assert grid.loc["none", "test_err_se"] == pytest.approx(np.std(SMALL_GRID["none"], ddof=1) / math.sqrt(3))
+    assert list(grid["rank"]) == sorted(grid["rank"])
+    assert "| 300 | 1 | dropout keep 0.5 | 3 |" in (tmp_path / "grid.md").read_text()
+    assert "| 300 | dropout keep 0.5 | 3 |" in (tmp_path / "paired.md").read_text()
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "learning_curve.png").exists()  # one training-set size
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -2,12 +2,24 @@
 (conf/exp/learning_curve.yaml): reads the finished child runs from MLflow and writes, to results/<study>/ and the
 parent run's artifacts,
 
-- grid.{csv,md}: per technique (and training-set size), final test error mean +- std over seeds, the train-test
-  gap, final train error, and the fraction of exactly-zero weights (params/zero_frac), sorted best to worst;
-- grid.png: the same as horizontal bars (one panel per training-set size, at most the largest 2 sizes);
+- grid.{csv,md}: per technique (and training-set size), `reglab.results.summarize` over seeds of the final test
+  error (n, mean, SE, 95% t-interval; the CSV also the std, ddof=1), the train-test gap, final train error and the
+  fraction of exactly-zero weights (params/zero_frac); the paired difference from `none`; the rank; sorted by rank;
+- paired.{csv,md}: per technique (and training-set size), test error minus that of `none` on the same seed (same
+  data, label noise and batch order; `reglab.results.paired`): n, mean, SE, 95% t-interval and `distinct` (the
+  interval excludes 0). Pairing removes what a seed does to every technique alike, so it sees differences that two
+  overlapping per-technique intervals hide;
+- grid.png: per training-set size (at most the largest 2), the test error as bars (mean +- 1 SE, each seed a dot)
+  and, beside it, the paired difference from `none` (mean and 95% interval, colored by whether it is distinct);
 - learning_curve.png (when the study has more than one data.train_size): test error vs training-set size, one
-  line per technique;
+  line per technique, mean +- 1 SE band;
 - runs.csv: one row per child run, the numbers the tables are made of.
+
+Ranking with ties (`reglab.results.ranks`, within each training-set size): rank = 1 + the number of techniques
+*distinctly better*, i.e. whose paired per-seed difference in final test error from this technique has a 95%
+interval entirely below 0. Techniques whose differences from each other stay inside the noise share a rank (shown
+as "=k" in grid.png), so the order never claims more than the seeds measured. The intervals are per pair and not
+corrected for the many pairs a grid has: a lone distinction among many techniques may be chance.
 
 A technique is named from the run's logged config: the regularizers it has (`regularization.<name>.*` params) with
 their main setting, plus batch norm when the run's model.norm differs from the study's. Recipes
@@ -26,10 +38,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from reglab.studies.output import parent_config
+from reglab import results
 from reglab.errors import ReglabError
-from reglab.studies.output import markdown_table
+from reglab.studies.output import markdown_table, parent_config
 
+BASELINE = "none"  # the technique every other one is paired against
 CONF = Path(__file__).resolve().parents[3] / "conf"  # the repository's conf/ (recipe names); optional
 MAIN_SETTING = {  # regularizer -> (its main argument, how the label shows it)
     "l1": ("strength", "{}"), "l1_proximal": ("strength", "{}"), "l2": ("strength", "{}"),
@@ -78,40 +91,73 @@ def technique(params: dict[str, str], base_norm: str, known: dict) -> str:
 
 
 def collect(client, parent, base_norm: str) -> pd.DataFrame:
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and attributes.status = 'FINISHED'",
-    )
-    known = recipes()
-    rows = []
-    for r in runs:
-        m, p = r.data.metrics, r.data.params
-        if "test/err" not in m or "train/err" not in m:
-            continue
-        size = p.get("data.train_size")
-        rows.append({
-            "technique": technique(p, base_norm, known), "train_size": int(size) if size not in (None, "None") else
-            None, "seed": int(p.get("seed", 0)), "run_id": r.info.run_id, "test_err": m["test/err"],
-            "train_err": m["train/err"], "zero_frac": m.get("params/zero_frac", np.nan),
-        })
-    if not rows:
+    """One row per finished child with a final test and train error (`reglab.results.runs`): technique,
+    train_size, seed, run_id, test_err, train_err, zero_frac, gap = test_err - train_err."""
+    df = results.runs(client, parent)
+    if not {"test/err", "train/err"} <= set(df.columns):
+        df = df.iloc[0:0]
+    else:
+        df = df.dropna(subset=["test/err", "train/err"])
+    if df.empty:
         raise ReglabError(f"study={parent.data.tags.get('study')!r}: no finished child run with train/err and "
                           f"test/err yet")
-    return pd.DataFrame(rows).sort_values(["train_size", "technique", "seed"])
+    known = recipes()
+    # technique() reads the run's config as logged: regularization.* and model.norm, as strings, absent = not set
+    config = [c for c in df.columns if c.startswith("regularization.") or c == "model.norm"]
+    names = [technique({k: str(v) for k, v in row.items() if pd.notna(v)}, base_norm, known)
+             for row in df[config].to_dict("records")]
+    out = pd.DataFrame({
+        "technique": names,
+        "train_size": df["data.train_size"] if "data.train_size" in df else np.nan,
+        "seed": df["seed"] if "seed" in df else 0,
+        "run_id": df["run_id"],
+        "test_err": df["test/err"], "train_err": df["train/err"],
+        "zero_frac": df["params/zero_frac"] if "params/zero_frac" in df else np.nan,
+    })
+    out["gap"] = out["test_err"] - out["train_err"]
+    return out.sort_values(["train_size", "technique", "seed"]).reset_index(drop=True)
 
 
-def grid_table(runs: pd.DataFrame) -> pd.DataFrame:
-    g = runs.assign(gap=runs["test_err"] - runs["train_err"]).groupby(["train_size", "technique"], dropna=False)
-    t = pd.DataFrame({
-        "seeds": g["seed"].nunique(),
-        "test_err_mean": g["test_err"].mean(),
-        "test_err_std": g["test_err"].std(ddof=0),
-        "train_err_mean": g["train_err"].mean(),
-        "gap_mean": g["gap"].mean(),
-        "zero_frac_mean": g["zero_frac"].mean(),
-    }).reset_index()
-    # Best to worst within each training-set size (largest size first).
-    return t.sort_values(["train_size", "test_err_mean"], ascending=[False, True]).reset_index(drop=True)
+def paired_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Test error minus BASELINE's, paired by seed, per technique and training-set size (sizes without a BASELINE
+    run are left out); best (most negative) first within each size, largest size first."""
+    cols = ["train_size", "technique", "n", "diff_mean", "diff_std", "diff_se", "diff_ci_low", "diff_ci_high",
+            "distinct"]
+    sizes = runs.loc[runs["technique"] == BASELINE, "train_size"].unique()
+    part = runs[runs["train_size"].isin(sizes)]
+    if part.empty or part["technique"].nunique() < 2:
+        return pd.DataFrame(columns=cols)
+    d = results.paired(part, "technique", BASELINE, "test_err", pair_on="seed", within=["train_size"])
+    return d[cols].sort_values(["train_size", "diff_mean"], ascending=[False, True]).reset_index(drop=True)
+
+
+def grid_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per (train_size, technique): rank, n, and mean, std (ddof=1), SE, 95% interval of test_err, train_err, gap
+    and zero_frac (`results.summarize`), and the paired difference from BASELINE (`vs_none_*`). Sorted largest
+    size first, then by rank and mean test error."""
+    paired = paired_table(runs) if paired is None else paired
+    t = results.summarize(runs, ["train_size", "technique"], ["test_err", "train_err", "gap", "zero_frac"])
+    r = results.ranks(runs, "technique", "test_err", pair_on="seed", within=["train_size"])
+    t = t.merge(r[["train_size", "technique", "rank"]], on=["train_size", "technique"], how="left")
+    vs = paired.drop(columns=["n", "diff_std"]).rename(
+        columns=lambda c: c.replace("diff_", f"vs_{BASELINE}_") if c.startswith("diff_") else
+        (f"vs_{BASELINE}_distinct" if c == "distinct" else c))
+    t = t.merge(vs, on=["train_size", "technique"], how="left")
+    first = ["train_size", "rank", "technique", "n"]
+    t = t[[*first, *(c for c in t.columns if c not in first)]]
+    return t.sort_values(["train_size", "rank", "test_err_mean"], ascending=[False, True, True]).reset_index(drop=True)
+
+
+# grid.md: the columns a reader needs; grid.csv has them all
+MARKDOWN_COLUMNS = ["train_size", "rank", "technique", "n", "test_err_mean", "test_err_se", "test_err_ci_low",
+                    "test_err_ci_high", f"vs_{BASELINE}_mean", f"vs_{BASELINE}_ci_low", f"vs_{BASELINE}_ci_high",
+                    f"vs_{BASELINE}_distinct", "train_err_mean", "gap_mean", "zero_frac_mean"]
+
+
+def rank_labels(t: pd.DataFrame) -> list[str]:
+    """'=k technique' for a rank that techniques share, 'k technique' for one that is its own."""
+    shared = t["rank"].value_counts()
+    return [f"{'=' if shared[r] > 1 else ''}{int(r)}  {name}" for r, name in zip(t["rank"], t["technique"])]
 
 
 def _plt():
@@ -127,31 +173,89 @@ def _figure_grid(table: pd.DataFrame, runs: pd.DataFrame, subtitle: str, out: Pa
     plt = _plt()
     sizes = sorted(table["train_size"].dropna().unique(), reverse=True)[:2] or [None]
     n_tech = table["technique"].nunique()
-    fig, axes = plt.subplots(1, len(sizes), figsize=(11 * len(sizes), 1.8 + 0.38 * n_tech), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
+    has_pairs = table[f"vs_{BASELINE}_mean"].notna().any()
+    fig, axes = plt.subplots(len(sizes), 2 if has_pairs else 1, figsize=(16 if has_pairs else 10,
+                             (2.2 + 0.4 * n_tech) * len(sizes)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2]} if has_pairs else None)
+    top = 100 * max(float(runs["test_err"].max()), float(runs["train_err"].max()))
+    for row_axes, size in zip(axes, sizes):
+        ax = row_axes[0]
         t = table[table["train_size"] == size] if size is not None else table
+        sub_runs = runs[runs["train_size"] == size] if size is not None else runs
         t = t.iloc[::-1]  # best at the top
         y = np.arange(len(t))
-        colors = ["tab:gray" if name == "none" else "tab:blue" for name in t["technique"]]
-        ax.barh(y, 100 * t["test_err_mean"], xerr=100 * t["test_err_std"], color=colors, alpha=0.8, capsize=3,
-                label="test error, mean ± std over seeds")
-        ax.plot(100 * t["train_err_mean"], y, "|", color="tab:red", ms=12, mew=2,
-                label="train error (noisy labels, training mode)")
-        for yi, (_, row) in zip(y, t.iterrows()):
-            sub = runs[(runs.technique == row.technique) & ((runs.train_size == size) if size is not None else True)]
-            ax.plot(100 * sub["test_err"], np.full(len(sub), yi), "k.", ms=3,
-                    label="test error, one seed" if yi == 0 else None)
-        ax.set_yticks(y, t["technique"], fontsize=8)
-        ax.set_xlabel("error (%)")
-        ax.set_xlim(0, 100 * max(float(runs["test_err"].max()), float(runs["train_err"].max())) * 1.1)
-        n = int(t["seeds"].max())
-        ax.set_title(("" if size is None else f"{int(size)} training examples, ") + f"{n} seed(s) each", fontsize=9)
+        mean, se = 100 * t["test_err_mean"].to_numpy(), 100 * t["test_err_se"].fillna(0).to_numpy()
+        colors = ["tab:gray" if name == BASELINE else "tab:blue" for name in t["technique"]]
+        ax.barh(y, mean, xerr=se, color=colors, alpha=0.8, capsize=3)
+        ax.plot(100 * t["train_err_mean"], y, "|", color="tab:red", ms=12, mew=2)
+        for yi, name, m, e in zip(y, t["technique"], mean, se):
+            seeds = 100 * sub_runs.loc[sub_runs["technique"] == name, "test_err"].to_numpy()
+            ax.plot(seeds, np.full(len(seeds), yi), "k.", ms=3)
+            end = max(m + e, seeds.max(initial=m))  # the label starts past the error bar and every seed's dot
+            ax.annotate(f"{m:.1f} ± {e:.1f}" if e else f"{m:.1f}", (end, yi), textcoords="offset points",
+                        xytext=(4, 0), va="center", fontsize=7)
+        ax.set_yticks(y, rank_labels(t), fontsize=8)
+        ax.set_xlabel("test error (%)")
+        ax.set_xlim(0, top * 1.25)  # room for the value labels
+        n = int(t["n"].max())
+        ax.set_title(("" if size is None else f"{int(size)} training examples, ") + f"n = {n} seed(s) each; "
+                     "=k: rank shared (no distinct paired difference)", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
-    fig.suptitle(f"Regularization grid: final test error, best at the top\n{subtitle}", fontsize=10)
-    fig.tight_layout()
+        if has_pairs:
+            _panel_paired(row_axes[1], t, y)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color="tab:blue", alpha=0.8, label="test error: bar = mean, error bar = ± 1 SE over seeds"),
+               Patch(color="tab:gray", alpha=0.8, label=f"{BASELINE} (no regularization)"),
+               Line2D([], [], ls="", marker=".", color="k", label="test error, one seed"),
+               Line2D([], [], ls="", marker="|", ms=12, mew=2, color="tab:red",
+                      label="train error (noisy labels, training mode)")]
+    if has_pairs:
+        handles += [Patch(color="tab:green", alpha=0.7, label=f"paired difference: distinct, better than {BASELINE}"),
+                    Patch(color="tab:red", alpha=0.7, label=f"paired difference: distinct, worse than {BASELINE}"),
+                    Patch(color="tab:gray", alpha=0.7, label="paired difference: not distinct (interval holds 0)"),
+                    Line2D([], [], color="k", marker="|", ms=8, lw=1,
+                           label="paired difference: error bar = 95% t-interval over seeds")]
+    fig.suptitle(f"Regularization grid: final test error by rank, best at the top\n{subtitle}", fontsize=10)
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    rows = -(-len(handles) // 4)
+    fig.tight_layout(rect=(0, (0.25 * rows + 0.15) / fig.get_figheight(), 1, 1))  # the legend's rows below
     fig.savefig(out / "grid.png", dpi=120)
     plt.close(fig)
+
+
+def _panel_paired(ax, t: pd.DataFrame, y: np.ndarray) -> None:
+    """Test error minus BASELINE's on the same seed, mean and 95% t-interval, on the left panel's rows."""
+    mean = 100 * t[f"vs_{BASELINE}_mean"].to_numpy(dtype=float)
+    lo = 100 * t[f"vs_{BASELINE}_ci_low"].to_numpy(dtype=float)
+    hi = 100 * t[f"vs_{BASELINE}_ci_high"].to_numpy(dtype=float)
+    distinct = t[f"vs_{BASELINE}_distinct"].fillna(False).to_numpy(dtype=bool)
+    shown = ~np.isnan(mean)
+    kinds = (("tab:green", distinct & (mean < 0)), ("tab:red", distinct & (mean > 0)), ("tab:gray", ~distinct & shown))
+    for color, sel in kinds:
+        if sel.any():
+            ax.barh(y[sel], mean[sel], color=color, alpha=0.7)
+    has_ci = shown & ~np.isnan(lo)
+    ax.errorbar(mean[has_ci], y[has_ci], xerr=[mean[has_ci] - lo[has_ci], hi[has_ci] - mean[has_ci]], fmt="none",
+                ecolor="black", capsize=3, lw=1)
+    ends = np.where(has_ci, hi, mean)
+    right = np.nanmax(np.concatenate([ends[shown], [0.0]]))
+    left = np.nanmin(np.concatenate([np.where(has_ci, lo, mean)[shown], [0.0]]))
+    for yi, m, l, h, end, ok in zip(y, mean, lo, hi, ends, shown):
+        if not ok:
+            continue
+        text = f"{m:+.1f} [{l:+.1f}, {h:+.1f}]" if not np.isnan(l) else f"{m:+.1f} (n=1)"
+        # past the error bar's right end, and past 0 where the bar itself ends there
+        ax.annotate(text, (max(end, 0.0), yi), textcoords="offset points", xytext=(4, 0), va="center", fontsize=7)
+    span = max(right - left, 1e-9)
+    ax.set_xlim(left - 0.05 * span, right + 0.8 * span)  # room for the labels on the right
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [""] * len(y))
+    ax.set_ylim(-0.5, len(y) - 0.5)
+    ax.set_xlabel(f"test error − {BASELINE}'s on the same seed (percentage points)")
+    ax.set_title(f"paired difference from {BASELINE} (same seed): mean [95% interval]", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
 
 
 def _figure_learning_curve(table: pd.DataFrame, subtitle: str, out: Path) -> None:
@@ -161,7 +265,7 @@ def _figure_learning_curve(table: pd.DataFrame, subtitle: str, out: Path) -> Non
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.get_cmap("tab10")
     for i, (name, t) in enumerate(table.sort_values("train_size").groupby("technique", sort=False)):
-        x, m, s = t["train_size"].to_numpy(float), 100 * t["test_err_mean"], 100 * t["test_err_std"]
+        x, m, s = t["train_size"].to_numpy(float), 100 * t["test_err_mean"], 100 * t["test_err_se"]
         ax.plot(x, m, "o-", color=colors(i), label=f"{name}: test", ms=4)
         ax.fill_between(x, m - s, m + s, color=colors(i), alpha=0.15)
         ax.plot(x, 100 * t["train_err_mean"], ":", color=colors(i), label=f"{name}: train (noisy labels)")
@@ -172,7 +276,8 @@ def _figure_learning_curve(table: pd.DataFrame, subtitle: str, out: Path) -> Non
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training-set size (examples, log scale)")
     ax.set_ylabel("error (%)")
-    ax.set_title(f"More data: test error vs training-set size (mean ± std over seeds)\n{subtitle}", fontsize=10)
+    ax.set_title(f"More data: test error vs training-set size (mean, band ± 1 SE over n = {int(table['n'].max())} "
+                 f"seeds)\n{subtitle}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -201,12 +306,27 @@ def report(client, parent, out: Path) -> None:
     subtitle = _subtitle(cfg)
     study = parent.data.tags.get("study", "study")
     runs.to_csv(out / "runs.csv", index=False)
-    table = grid_table(runs)
+    paired = paired_table(runs)
+    table = grid_table(runs, paired)
     table.to_csv(out / "grid.csv", index=False)
+    n = f"n = {int(table['n'].min())}" + (f"-{int(table['n'].max())}" if table["n"].nunique() > 1 else "")
     (out / "grid.md").write_text(
-        f"# {study}: final test error by technique, best to worst (mean ± std over seeds)\n\n{subtitle}\n\n"
-        "gap = test error − train error (train error: last epoch, training mode, noisy labels); zero_frac: fraction "
-        "of exactly-zero weights at the end.\n\n" + markdown_table(table))
+        f"# {study}: final test error by technique, by rank (mean ± SE over {n} seeds)\n\n{subtitle}\n\n"
+        "test_err: mean, standard error (sample std, ddof=1, / sqrt(n)) and 95% Student-t interval over seeds. "
+        f"vs_{BASELINE}: test error minus {BASELINE}'s on the same seed (mean and 95% interval of the paired "
+        f"differences; distinct = the interval excludes 0; paired.md). rank: 1 + the number of techniques whose "
+        "paired difference from this one is distinctly negative (95% interval below 0), so techniques inside each "
+        "other's noise share a rank. gap = test error − train error (train error: last epoch, training mode, noisy "
+        "labels); zero_frac: fraction of exactly-zero weights at the end. grid.csv has every column (std, "
+        "intervals of each metric).\n\n" + markdown_table(table[MARKDOWN_COLUMNS]))
+    paired.to_csv(out / "paired.csv", index=False)
+    (out / "paired.md").write_text(
+        f"# {study}: test error minus {BASELINE}'s, paired by seed\n\n{subtitle}\n\n"
+        f"Per technique (and training-set size): the differences test_err(technique) − test_err({BASELINE}) of the "
+        "runs with the same seed (same data, label noise and batch order), as n, mean, std (ddof=1), SE and 95% "
+        "Student-t interval; distinct = the interval excludes 0 (never with n < 2). Negative = better than "
+        f"{BASELINE}. Intervals are per technique, not corrected for the number of techniques.\n\n"
+        + (markdown_table(paired) if len(paired) else f"No run of `{BASELINE}` to pair with.\n"))
     _figure_grid(table, runs, subtitle, out)
     if table["train_size"].nunique() > 1:
         _figure_learning_curve(table, subtitle, out)

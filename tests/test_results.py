@@ -1,0 +1,131 @@
+"""reglab.results, the numbers every report and claim is made of: summarize (n, mean, sample std with ddof=1, SE,
+Student-t 95% interval) and paired (per-seed differences) against hand computation, ranks with ties, and the errors
+a wrong column name gives. The same functions on the store of a real study: tests/test_study_early_stopping.py
+(`test_results_reads_the_study_store_*`, which reuses that module's sweep instead of training again)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from reglab import results
+from reglab.errors import ReglabError
+
+# technique x seed -> test error; seed s shifts every technique by the same amount (its data)
+SHIFT = {0: 0.00, 1: 0.05, 2: -0.04, 3: 0.02}
+ERR = {"none": {s: 0.30 + d for s, d in SHIFT.items()},
+       "a": {0: 0.27, 1: 0.325, 2: 0.23, 3: 0.295},  # none - 0.03, +-0.005 per seed
+       "b": {0: 0.31}}  # one seed only
+
+
+def frame(seed: int = 0) -> pd.DataFrame:
+    rows = [{"technique": t, "seed": s, "test/err": e, "size": 100} for t, by in ERR.items() for s, e in by.items()]
+    return pd.DataFrame(rows).sample(frac=1, random_state=seed).reset_index(drop=True)  # any row order
+
+
+def t_half(values) -> float:
+    v = np.asarray(values, dtype=float)
+    return stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+
+
+def test_summarize_is_mean_sample_std_se_and_a_student_t_interval():
+    s = results.summarize(frame(), "technique", "test/err").set_index("technique")
+    assert list(s.index) == ["a", "b", "none"]  # sorted by group
+    a = list(ERR["a"].values())
+    assert s.loc["a", "n"] == 4
+    assert s.loc["a", "test/err_mean"] == pytest.approx(np.mean(a))
+    assert s.loc["a", "test/err_std"] == pytest.approx(np.std(a, ddof=1))  # not ddof=0
+    assert s.loc["a", "test/err_se"] == pytest.approx(np.std(a, ddof=1) / 2)
+    assert s.loc["a", "test/err_ci_low"] == pytest.approx(np.mean(a) - t_half(a))
+    assert s.loc["a", "test/err_ci_high"] == pytest.approx(np.mean(a) + t_half(a))
+    assert t_half(a) > 1.96 * np.std(a, ddof=1) / 2  # t with 3 degrees of freedom, wider than the normal's
+    # one seed: a mean, no spread, no interval (NaN, not 0)
+    assert s.loc["b", "n"] == 1 and s.loc["b", "test/err_mean"] == pytest.approx(0.31)
+    assert s.loc["b", ["test/err_std", "test/err_se", "test/err_ci_low", "test/err_ci_high"]].isna().all()
+
+
+def test_summarize_counts_only_present_values_and_keeps_a_missing_group_key():
+    df = pd.DataFrame({"size": [10, 10, 10, np.nan, np.nan], "err": [0.1, 0.2, np.nan, 0.4, 0.6],
+                       "gap": [0.0, 0.1, 0.2, 0.3, 0.3]})
+    s = results.summarize(df, "size", ["err", "gap"])
+    assert len(s) == 2 and s["size"].isna().sum() == 1  # a run without data.train_size is still a group
+    ten = s[s["size"] == 10].iloc[0]
+    assert ten["n"] == 2 and ten["err_mean"] == pytest.approx(0.15)  # n: rows with the first metric present
+    assert ten["gap_mean"] == pytest.approx(0.1) and ten["gap_se"] == pytest.approx(0.1 / math.sqrt(3))
+    nan = s[s["size"].isna()].iloc[0]
+    assert nan["err_mean"] == pytest.approx(0.5) and nan["err_se"] == pytest.approx(0.1)
+
+
+def test_paired_differences_are_taken_seed_by_seed_whatever_the_row_order():
+    d = results.paired(frame(seed=1), "technique", "none", "test/err").set_index("technique")
+    diffs = [ERR["a"][s] - ERR["none"][s] for s in SHIFT]  # -0.03, -0.025, -0.03, -0.025
+    assert d.loc["a", "n"] == 4
+    assert d.loc["a", "diff_mean"] == pytest.approx(np.mean(diffs))
+    assert d.loc["a", "diff_std"] == pytest.approx(np.std(diffs, ddof=1))
+    assert d.loc["a", "diff_se"] == pytest.approx(np.std(diffs, ddof=1) / 2)
+    assert d.loc["a", "diff_ci_low"] == pytest.approx(np.mean(diffs) - t_half(diffs))
+    assert d.loc["a", "diff_ci_high"] == pytest.approx(np.mean(diffs) + t_half(diffs))
+    assert d.loc["a", "distinct"]
+    # Unpaired, the seeds' shifts swamp the 3 points: the two groups' own intervals overlap.
+    s = results.summarize(frame(), "technique", "test/err").set_index("technique")
+    assert s.loc["a", "test/err_ci_high"] > s.loc["none", "test/err_ci_low"]
+    # b shares one seed with none: a difference, no spread, no claim
+    assert d.loc["b", "n"] == 1 and d.loc["b", "diff_mean"] == pytest.approx(0.01)
+    assert math.isnan(d.loc["b", "diff_se"]) and not d.loc["b", "distinct"]
+    # The same answer for any shuffle of the rows.
+    again = results.paired(frame(seed=7), "technique", "none", "test/err").set_index("technique")
+    pd.testing.assert_frame_equal(d, again.loc[d.index])
+
+
+def test_paired_within_groups_and_a_difference_inside_the_noise_is_not_distinct():
+    add = {0: 0.03, 1: 0.01, 2: 0.05, 3: 0.03}  # at size 200, a is worse by these: differences 0, +.035, +.02, +.005
+    big = frame().assign(size=200)
+    big.loc[big["technique"] == "a", "test/err"] += big.loc[big["technique"] == "a", "seed"].map(add)
+    d = results.paired(pd.concat([frame(), big]), "technique", "none", "test/err", within=["size"])
+    assert sorted(zip(d["size"], d["technique"])) == [(100, "a"), (100, "b"), (200, "a"), (200, "b")]
+    row = d[(d["size"] == 200) & (d["technique"] == "a")].iloc[0]
+    diffs = [ERR["a"][s] - ERR["none"][s] + add[s] for s in SHIFT]
+    assert row["diff_mean"] == pytest.approx(np.mean(diffs)) and row["diff_ci_low"] < 0 < row["diff_ci_high"]
+    assert not row["distinct"]
+    assert d[(d["size"] == 100) & (d["technique"] == "a")].iloc[0]["distinct"]
+
+
+def test_ranks_share_a_rank_inside_the_noise():
+    # x < y < z by 1 point per step, with seed noise: x-y and y-z inside the noise, x-z distinct.
+    noise = {0: 0.0, 1: 0.012, 2: -0.012, 3: 0.006, 4: -0.006}
+    rows = []
+    for s, e in noise.items():
+        rows += [{"t": "x", "seed": s, "err": 0.20 + e}, {"t": "y", "seed": s, "err": 0.21 - e},
+                 {"t": "z", "seed": s, "err": 0.22 + e}]
+    r = results.ranks(pd.DataFrame(rows), "t", "err").set_index("t")
+    assert r.loc["x", "rank"] == 1 and r.loc["y", "rank"] == 1 and r.loc["z", "rank"] == 2
+    assert r.loc["x", "better_than"] == 1 and r.loc["y", "better_than"] == 0
+    assert list(r.index) == ["x", "y", "z"]
+    up = results.ranks(pd.DataFrame(rows), "t", "err", lower_is_better=False).set_index("t")  # e.g. accuracy
+    assert up.loc["z", "rank"] == 1 and up.loc["x", "rank"] == 2
+
+
+@pytest.mark.parametrize("call, column", [
+    (lambda df: results.summarize(df, "technique", ["test/err", "test/erx"]), "test/erx"),
+    (lambda df: results.summarize(df, "techniqe", "test/err"), "techniqe"),
+    (lambda df: results.paired(df, "technique", "none", "test/err", pair_on="data_seed"), "data_seed"),
+    (lambda df: results.paired(df, "technique", "none", "test/err", within=["train_size"]), "train_size"),
+    (lambda df: results.ranks(df, "technique", "val/err"), "val/err"),
+])
+def test_an_unknown_column_is_one_clear_error_naming_it(call, column):
+    with pytest.raises(ReglabError, match=f"no column '{column}' .columns: technique, seed, test/err, size."):
+        call(frame())
+
+
+def test_paired_without_the_baseline_names_it():
+    with pytest.raises(ReglabError, match=r"no runs with technique='dropout' to compare against"):
+        results.paired(frame(), "technique", "dropout", "test/err")
+
+
+def test_mean_se_text():
+    assert results.mean_se_text(0.5012, 0.0061, 5) == "50.1 ± 0.6% (n=5)"
+    assert results.mean_se_text(0.5012, math.nan, 1) == "50.1% (n=1)"
