@@ -68,8 +68,6 @@ class Classifier(L.LightningModule):
             if len(regs) > 1:
                 raise ConfigError(f"regularization: {' and '.join(r.name for r in regs)} both {what}; use one")
         self.label_smoothing = smoothing[0].label_smoothing if smoothing else 0.0
-        if self.mixers and getattr(net, "members", None) is not None:
-            raise ConfigError(f"regularization.{self.mixers[0].name}: a population mixes no batch (train solo)")
         self.averaging: WeightAveraging | None = averaging[0] if averaging else None
         # A submodule, made after every regularizer has put its modules into `net`: its weights, buffers and
         # n_averaged are in state_dict, so every checkpoint carries the average and a resumed run continues it.

@@ -36,6 +36,8 @@ class _BatchMix(Regularizer):
         self._op = None
 
     def attach(self, net: nn.Module) -> None:
+        if getattr(net, "members", None) is not None:  # reglab/population: each member would need its own lam, pairs
+            raise ConfigError(f"regularization.{self.name}: a population mixes no batch (its members train solo)")
         head = getattr(net, "head", None)
         if not isinstance(head, nn.Linear):
             raise ConfigError(f"regularization.{self.name}: {type(net).__name__} has no Linear `head` to read the "
