@@ -183,3 +183,93 @@ def test_keep_prob_outside_0_1_is_a_config_error(bad):
         InvertedDropout(bad)
     with pytest.raises(ConfigError, match="keep_prob"):
         DropoutRegularizer(keep_prob=bad)
+
+
+def test_dropconnect_per_example_draws_a_mask_per_sample_with_keep_prob_scaling():
+    """mask=per_example (Wan et al.): every sample its own R_n, so identical inputs give different outputs, each
+    y_n[o] = b_o + r_no0 * W_o0 on input e_0; per_batch shares one R. E[y] = (p W) x + b, the eval output."""
+    p, n = 0.5, 4000
+    torch.manual_seed(0)
+    layer = DropConnectLinear(20, 10, keep_prob=p, mask="per_example")
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(10, 20) + 0.1)  # no zero weights
+    e0 = torch.zeros(n, 20)
+    e0[:, 0] = 1.0
+    read = (layer(e0) - layer.bias).detach()  # (n, 10): r_no0 * W_o0
+    kept = read.abs() > 1e-6
+    torch.testing.assert_close(read[kept], layer.weight.detach()[:, 0].expand(n, 10)[kept])
+    assert len({tuple(row.tolist()) for row in kept[:50]}) > 40  # 2^10 patterns: 50 samples share almost none
+    assert abs(kept.float().mean().item() - p) < _tol(p, kept.numel())
+    shared = DropConnectLinear(20, 10, keep_prob=p)
+    with torch.no_grad():
+        shared.weight.copy_(layer.weight)
+    out = shared(e0[:50])
+    assert (out == out[0]).all()  # per_batch: one R for the whole batch
+    # E over masks of y = (R * W) x + b is (p W) x + b, the mean network evaluation uses: within 5 standard errors.
+    x = torch.randn(20)
+    y = layer(x.expand(n, 20)).detach()
+    expected = layer.eval()(x[None])[0].detach()
+    se = (p * (1 - p) * (layer.weight.detach() ** 2 @ x ** 2) / n).sqrt()
+    assert ((y.mean(0) - expected).abs() < 5 * se).all()
+    # The gradient of each sample reaches only its own kept weights: summed over the batch it is (n, out, in) masks
+    # times x, so a weight kept by no sample gets none.
+    layer.train().zero_grad()
+    layer(torch.ones(3, 20)).sum().backward()
+    assert ((layer.weight.grad == 0) | (layer.weight.grad == layer.weight.grad.round())).all()  # 0..3 per weight
+    assert (layer.weight.grad > 1).any()  # some weights were kept by two or three samples
+
+
+def test_dropconnect_gaussian_inference_matches_the_masks_moments():
+    """Wan et al.'s moment matching on a small layer: E[u] = p W v + b and Var[u] = p(1-p)(W*W)(v*v) against a
+    Monte-Carlo over per-example masks; the Gaussian average of ReLU(u) against its closed form
+    mu Phi(mu/s) + s phi(mu/s) and against the masks' own average, which the mean network relu(E[u]) misses."""
+    p, n = 0.6, 4000
+    torch.manual_seed(0)
+    layer = DropConnectLinear(200, 8, keep_prob=p, mask="per_example", inference="gaussian", samples=20_000)
+    v = torch.randn(200)
+    mean, var = (t[0].detach() for t in layer.moments(v[None]))
+    u = layer.train()(v.expand(n, 200)).detach()  # n draws of R
+    se = (var / n).sqrt()
+    assert ((u.mean(0) - mean).abs() < 5 * se).all()
+    torch.testing.assert_close(u.var(0), var, rtol=5 * (2 / n) ** 0.5, atol=0)  # sample variance's SE ~ sqrt(2/n)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    s = var.sqrt()
+    closed = mean * normal.cdf(mean / s) + s * normal.log_prob(mean / s).exp()
+    layer.eval()
+    average = layer.gaussian_average(v[None], torch.relu)[0].detach()
+    assert ((average - closed).abs() < 5 * s / 20_000 ** 0.5).all()
+    masks_average = torch.relu(u).mean(0)
+    assert ((masks_average - closed).abs() < 0.05 * s + 5 * s / n ** 0.5).all()  # Gaussian approximation, fan-in 200
+    assert ((torch.relu(mean) - masks_average).abs() > 0.1 * s).any()  # what the mean network gets wrong
+
+
+def test_dropconnect_gaussian_inference_in_the_mlp():
+    """inference=gaussian: a hidden layer's evaluation averages norm and activation over sampled u; the head (no
+    activation after it) keeps the exact mean (p W) x + b; training is unchanged."""
+    torch.manual_seed(0)
+    net = MLP((12,), 3, width=16, depth=1)
+    mean_net = MLP((12,), 3, width=16, depth=1)
+    mean_net.load_state_dict(net.state_dict())
+    _attach(DropConnectRegularizer(keep_prob=0.5, inference="gaussian", samples=5000), net, "dropconnect")
+    _attach(DropConnectRegularizer(keep_prob=0.5), mean_net, "dropconnect")
+    assert "inference=gaussian, samples=5000" in str(net)
+    x = torch.randn(6, 12)
+    net.eval(), mean_net.eval()
+    layer = net.hidden[0]
+    torch.manual_seed(1)
+    hidden = layer(x).detach()
+    torch.manual_seed(1)
+    torch.testing.assert_close(hidden, layer.linear.gaussian_average(x, layer.after_linear).detach())
+    torch.testing.assert_close(net.head(hidden), hidden @ (0.5 * net.head.weight).T + net.head.bias)
+    assert not torch.allclose(net(x), mean_net(x), atol=1e-3)  # relu of the mean is not the mean of relu
+    assert (hidden >= torch.relu(mean_net.hidden[0].linear(x)) - 0.02).all()  # E relu(u) >= relu(E u) (Jensen)
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"mask": "per_sample"}, r"regularization\.dropconnect\.mask='per_sample' is not one of per_batch, per_example"),
+    ({"inference": "sampling"}, r"regularization\.dropconnect\.inference='sampling'"),
+    ({"samples": 0}, r"regularization\.dropconnect\.samples=0"),
+])
+def test_dropconnect_options_are_checked(override, match):
+    with pytest.raises(ConfigError, match=match):
+        DropConnectRegularizer(**override)

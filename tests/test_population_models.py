@@ -310,6 +310,11 @@ def test_members_whose_slots_differ_cannot_be_fused():
     c, d = mlps([8, 8])
     DropConnectRegularizer(keep_prob=0.5, layers=[]).attach(c)
     assert "head" in fusable([c, d])
+    for options, shown in (({"mask": "per_example"}, "mask=per_example"), ({"inference": "gaussian"}, "gaussian")):
+        pair = mlps([8, 8])
+        for net in pair:  # alike, but not what StackedLinear computes: one mask per member and step, mean network
+            DropConnectRegularizer(keep_prob=0.5, **options).attach(net)
+        assert shown in fusable(pair) and "one DropConnect mask per member and step" in fusable(pair)
     e = mlps([8])[0]
     e.hidden[0].dropout = torch.nn.AlphaDropout(0.5)  # not one of the dropout modules the population knows
     assert "cannot be fused" in fusable([e, copy.deepcopy(e)])

@@ -143,3 +143,10 @@ def test_the_sweeper_groups_members_and_balances_the_jobs():
         "early stopping ends each member at its own epoch"
     assert why_not(compose(["callbacks.early_stopping=null", "regularization=[dropout]"])) is None
     assert "l2" in why_not(compose(["callbacks.early_stopping=null", "regularization=[l2]"]))
+    assert why_not(compose(["callbacks.early_stopping=null", "regularization=[dropconnect]"])) is None
+    assert "inference=gaussian" in why_not(compose(["callbacks.early_stopping=null", "regularization=[dropconnect]",
+                                                    "regularization.dropconnect.inference=gaussian"]))
+    assert why_not(compose(["callbacks.early_stopping=null", "regularization=[dropconnect]",
+                            "regularization.dropconnect.mask=per_example"])) == \
+        "regularization.dropconnect mask=per_example, inference=mean: a population draws one DropConnect mask per " \
+        "member and step and evaluates the mean network"

@@ -32,10 +32,14 @@ class HiddenLayer(nn.Module):
         self.norm_first = norm_position == "pre"
         self.dropout: nn.Module = nn.Identity()
 
+    def after_linear(self, u: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(u)) if self.norm_first else self.norm(self.act(u))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear(x)
-        x = self.act(self.norm(x)) if self.norm_first else self.norm(self.act(x))
-        return self.dropout(x)
+        if not self.training and getattr(self.linear, "inference", "mean") == "gaussian":
+            # DropConnect's Gaussian inference (Wan et al. 2013) averages norm and activation over sampled u.
+            return self.dropout(self.linear.gaussian_average(x, self.after_linear))
+        return self.dropout(self.after_linear(self.linear(x)))
 
 
 class MLP(nn.Module):

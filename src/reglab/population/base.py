@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reglab.population.sweeper import DROPCONNECT_WHY, FUSED_DROPCONNECT
 from reglab.regularization.dropout import ClassicDropout, DropConnectLinear, GaussianDropout, InvertedDropout
 
 # Parameter-free modules that act on each element alone: on a stacked (G, B, W) or grouped (B, G*C, ...)
@@ -106,10 +107,13 @@ def member_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 # --- what must agree between members -------------------------------------------------------------------------
 def describe(module: nn.Module) -> str:
-    """A slot's identity as far as fusing goes: type and keep_prob (a Linear's size may differ by width)."""
+    """A slot's identity as far as fusing goes: type, keep_prob and DropConnect's options (a Linear's size may
+    differ by width)."""
     if isinstance(module, nn.Linear):
         keep = getattr(module, "keep_prob", None)
         args = ([] if keep is None else [f"keep_prob={keep:g}"]) + ([] if module.bias is not None else ["bias=False"])
+        if isinstance(module, DropConnectLinear):
+            args += [f"mask={module.mask}", f"inference={module.inference}"]
         return type(module).__name__ + (f"({', '.join(args)})" if args else "")
     return repr(module)
 
@@ -158,6 +162,8 @@ def slot_reason(slots: dict[str, nn.Module], allowed: tuple[type, ...]) -> str |
     for name, module in slots.items():
         if type(module) not in allowed:
             return f"{name}={describe(module)} cannot be fused"
+        if isinstance(module, DropConnectLinear) and (module.mask, module.inference) != FUSED_DROPCONNECT:
+            return f"{name}={describe(module)} cannot be fused: {DROPCONNECT_WHY}"
     return None
 
 

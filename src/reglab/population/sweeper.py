@@ -25,6 +25,9 @@ SLOT_REGULARIZERS = ("reglab.regularization.dropout.",)
 
 
 MODES = ("off", "auto", "on")
+# DropConnect as StackedLinear computes it exactly (reglab/population/base.py): (mask, inference); others run solo.
+FUSED_DROPCONNECT = ("per_batch", "mean")
+DROPCONNECT_WHY = "a population draws one DropConnect mask per member and step and evaluates the mean network"
 
 
 def mode(cfg: DictConfig) -> str:
@@ -48,6 +51,11 @@ def why_not(cfg: DictConfig) -> str | None:
                     if not str(node.get("_target_", "")).startswith(SLOT_REGULARIZERS))
     if acting:
         return f"regularization {acting} acts on the training step (only the dropout family is fused)"
+    for name, node in (cfg.get("regularization") or {}).items():
+        if str(node.get("_target_", "")).endswith(".DropConnectRegularizer"):
+            chosen = (node.get("mask", "per_batch"), node.get("inference", "mean"))
+            if chosen != FUSED_DROPCONNECT:
+                return f"regularization.{name} mask={chosen[0]}, inference={chosen[1]}: {DROPCONNECT_WHY}"
     t = cfg.trainer
     if t.get("gradient_clip_val") or (t.get("accumulate_grad_batches") or 1) != 1:
         return "gradient clipping / accumulation couple the members"

@@ -9,10 +9,15 @@ Modules (print(model) shows each rate):
 - SpatialDropout: one Bernoulli(p) per (sample, channel) of an (N, C, H, W) map, h = m * a / p; eval h = a
   (Tompson et al. 2015, "Efficient Object Localization Using Convolutional Networks").
 - DropConnectLinear: a Linear whose weights are masked, W~ = R * W, r_ij ~ Bernoulli(p) (Wan et al. 2013,
-  "Regularization of Neural Networks using DropConnect"). One mask per training step (mini-batch), shared by the
-  batch's samples, as AWD-LSTM's WeightDrop; Wan et al. draw one per sample, which costs a (N, out, in) tensor.
-  Evaluation uses the mean network y = (p W) x + b ("mean approximation"), not Wan et al.'s Gaussian
-  moment-matching sampler; the bias is not masked.
+  "Regularization of Neural Networks using DropConnect"); the bias is not masked. `mask`: `per_batch` draws one
+  (out, in) mask per training step, shared by the batch's samples (AWD-LSTM's WeightDrop); `per_example` one per
+  sample, as Wan et al., which materializes a (B, out, in) masked weight: B times the layer's weight memory, twice
+  (mask and product). `inference`: `mean` evaluates the mean network y = (p W) x + b; `gaussian` is Wan et al.'s
+  moment matching (their sec. 3, Algorithm 2): given input v, each unit's pre-activation u = (R * W) v + b has mean
+  p W v + b and variance p (1 - p) (W * W)(v * v) (units independent: their masks are), so u ~ N(mean, variance) is
+  sampled `samples` times, the layer's activation applied to each sample, and the results averaged. The activation
+  belongs to the layer around the Linear (reglab.models.mlp.HiddenLayer calls `gaussian_average`); on the head, whose
+  output is the logits (no activation), the average of u is its mean exactly, so the head evaluates the mean network.
 
 Regularizers (the `conf/regularization/*.yaml` entries) put these modules into the slots the models declare:
 MLP: `input_dropout`, `hidden[i].dropout`, `hidden[i].linear`, `head`; ResNet18: `stage_dropout[i]`,
@@ -82,30 +87,86 @@ class SpatialDropout(_KeepProb):
         return x * mask / self.keep_prob
 
 
+MASKS = ("per_batch", "per_example")
+INFERENCES = ("mean", "gaussian")
+SAMPLE_CHUNK = 1 << 22  # elements of u drawn at once by gaussian inference (16 MiB of float32)
+
+
+def _check_choice(key: str, value, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _check_samples(key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value!r} must be an integer >= 1")
+    return value
+
+
 class DropConnectLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, keep_prob: float = 0.5, bias: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, mask: str = "per_batch", inference: str = "mean", samples: int = 100):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.keep_prob = _check_keep("keep_prob", keep_prob)
+        self.mask = _check_choice("regularization.dropconnect.mask", mask, MASKS)
+        self.inference = _check_choice("regularization.dropconnect.inference", inference, INFERENCES)
+        self.samples = _check_samples("regularization.dropconnect.samples", samples)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, keep_prob: float) -> "DropConnectLinear":
+    def from_linear(cls, linear: nn.Linear, keep_prob: float, **options) -> "DropConnectLinear":
         """Same Parameter objects as `linear` (its initialization and any optimizer reference are kept)."""
         new = cls(linear.in_features, linear.out_features, keep_prob, bias=linear.bias is not None,
-                  device=linear.weight.device, dtype=linear.weight.dtype)
+                  device=linear.weight.device, dtype=linear.weight.dtype, **options)
         new.weight, new.bias = linear.weight, linear.bias
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
-            return F.linear(x, self.weight * self.keep_prob, self.bias)
+            return F.linear(x, self.weight * self.keep_prob, self.bias)  # also gaussian's exact mean of u
         if self.keep_prob == 1.0:
             return F.linear(x, self.weight, self.bias)
-        mask = torch.bernoulli(torch.full_like(self.weight, self.keep_prob))  # r_ij, (out, in)
-        return F.linear(x, self.weight * mask, self.bias)
+        if self.mask == "per_batch":
+            mask = torch.bernoulli(torch.full_like(self.weight, self.keep_prob))  # r_ij, (out, in)
+            return F.linear(x, self.weight * mask, self.bias)
+        # per_example: R_n for each of the N = B (or prod of leading dims) samples, (N, out, in).
+        flat = x.reshape(-1, self.in_features)
+        masks = torch.bernoulli(torch.full((len(flat), *self.weight.shape), self.keep_prob, device=x.device,
+                                           dtype=self.weight.dtype))
+        y = torch.bmm(masks * self.weight, flat.unsqueeze(2)).squeeze(2)  # y_n = (R_n * W) x_n
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of u = (R * W) x + b over masks R (Wan et al. 2013, sec. 3):
+        E[u] = p W x + b, Var[u] = p (1 - p) (W * W)(x * x)."""
+        p = self.keep_prob
+        mean = F.linear(x, self.weight * p, self.bias)
+        var = F.linear(x * x, self.weight * self.weight) * (p * (1.0 - p))
+        return mean, var
+
+    def gaussian_average(self, x: torch.Tensor, activation) -> torch.Tensor:
+        """Wan et al.'s inference: (1/Z) sum_z activation(u_z), u_z ~ N(E[u], Var[u]) per unit, Z = samples.
+        `activation` maps (K, out) to (K, out) (what follows the Linear in its layer); the samples are drawn in
+        chunks of at most SAMPLE_CHUNK elements."""
+        mean, var = self.moments(x)
+        std = var.sqrt()
+        per_sample = mean.numel()
+        chunk = max(1, SAMPLE_CHUNK // max(per_sample, 1))
+        total = torch.zeros_like(mean)
+        for start in range(0, self.samples, chunk):
+            z = min(chunk, self.samples - start)
+            u = torch.addcmul(mean, std, torch.randn((z, *mean.shape), device=mean.device, dtype=mean.dtype))
+            total += activation(u.reshape(-1, self.out_features)).view(z, *mean.shape).sum(0)
+        return total / self.samples
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, keep_prob={self.keep_prob:g}"
+        options = "".join(f", {k}={getattr(self, k)}" for k, default in
+                          (("mask", "per_batch"), ("inference", "mean")) if getattr(self, k) != default)
+        if self.inference == "gaussian":
+            options += f", samples={self.samples}"
+        return f"{super().extra_repr()}, keep_prob={self.keep_prob:g}{options}"
 
 
 # --- regularizers: where the modules go ---------------------------------------------------------------------
@@ -223,12 +284,17 @@ class SpatialDropoutRegularizer(_SlotDropout):
 
 
 class DropConnectRegularizer(Regularizer):
-    """`dropconnect`: swaps Linear layers for DropConnectLinear(keep_prob), same weights. MLP: the hidden layers
-    in `layers` and the head if `head`; ResNet18: the head only (its convolutions are not Linear layers)."""
+    """`dropconnect`: swaps Linear layers for DropConnectLinear(keep_prob, mask, inference, samples), same weights.
+    MLP: the hidden layers in `layers` and the head if `head`; ResNet18: the head only (its convolutions are not
+    Linear layers)."""
 
-    def __init__(self, keep_prob: float = 0.5, layers="all", head: bool = True):
+    def __init__(self, keep_prob: float = 0.5, layers="all", head: bool = True, mask: str = "per_batch",
+                 inference: str = "mean", samples: int = 100):
         self.keep_prob = _check_keep("keep_prob", keep_prob)
         self.layers, self.head = _plain(layers), bool(head)
+        self.mask = _check_choice("regularization.dropconnect.mask", mask, MASKS)
+        self.inference = _check_choice("regularization.dropconnect.inference", inference, INFERENCES)
+        self.samples = _check_samples("regularization.dropconnect.samples", samples)
 
     def _swap(self, parent: nn.Module, attr: str, slot: str) -> None:
         layer = getattr(parent, attr)
@@ -236,7 +302,8 @@ class DropConnectRegularizer(Regularizer):
             raise ConfigError(f"regularization.{self.name}: {slot} is already a DropConnectLinear")
         if not isinstance(layer, nn.Linear):
             raise ConfigError(f"regularization.{self.name}: {slot} is {type(layer).__name__}, not Linear")
-        setattr(parent, attr, DropConnectLinear.from_linear(layer, self.keep_prob))
+        setattr(parent, attr, DropConnectLinear.from_linear(layer, self.keep_prob, mask=self.mask,
+                                                            inference=self.inference, samples=self.samples))
 
     def attach(self, net: nn.Module) -> None:
         if _is_mlp(net):
