@@ -1,6 +1,7 @@
-"""reglab.runs without training: who a run is (identity), how the run logger batches a history and what its
-`reglab.logged_epoch` tag claims, and where a runner study writes. Resume and skip end to end: test_sweep.py and
-test_single_run_resume.py."""
+"""reglab.runs: who a run is (identity), how the run logger batches a history and what its `reglab.logged_epoch` tag
+claims, where a runner study writes, and what a researcher finds in the MLflow UI (run names, tags, dataset inputs,
+system metrics) for a one-epoch solo run and population. Resume and skip end to end: test_sweep.py and
+test_single_run_resume.py; the UI itself: test_e2e_ui.py."""
 
 from __future__ import annotations
 
@@ -10,6 +11,24 @@ from mlflow.tracking import MlflowClient
 from conftest import compose
 from reglab.runs import Run, identity, open_run
 from reglab.runs.lookup import LOGGED_EPOCH_TAG
+
+TINY = ["data=digits", "data.train_size=128", "data.batch_size=64", "model.width=8", "model.depth=1",
+        "trainer.max_epochs=1", "callbacks.early_stopping=null"]
+
+
+def digits(*overrides: str):
+    """A set-up digits datamodule as train.run builds it."""
+    from reglab.train import build_data
+
+    dm = build_data(compose([*TINY, *overrides]))
+    dm.setup()
+    return dm
+
+
+def dataset_inputs(run) -> dict[str, tuple[str, str]]:
+    """{context: (name, digest)} of a run's MLflow dataset inputs."""
+    return {t.value: (d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs for t in d.tags
+            if t.key == "mlflow.data.context"}
 
 
 def test_study_key_ignores_swept_keys_only():
@@ -58,7 +77,7 @@ def test_a_new_runs_header_does_not_claim_epoch_0(mlflow_uri, tmp_path):
 
     cfg = compose([f"paths.root={tmp_path}", f"logger.tracking_uri={mlflow_uri}", "logger.experiment=header"])
     logger = build_logger(cfg, open_run(cfg))
-    logger.log_header(cfg, 7, 0.0)
+    logger.log_header(cfg, 7, digits())
     client = logger.experiment
     assert client.get_run(logger.run_id).data.params["model.params"] == "7"
     assert LOGGED_EPOCH_TAG not in client.get_run(logger.run_id).data.tags
@@ -81,3 +100,56 @@ def test_study_recorder_writes_under_paths_results(tmp_path):
     assert (table.with_suffix(".csv")).read_text().splitlines() == ["M,E_rms", "0,0.7", "9,0.0"]
     assert not (tmp_path / "root" / "results").exists()
 
+
+
+def test_a_splits_digest_is_its_examples_and_labels():
+    from reglab.runs.datasets import splits
+
+    base, other_seed, noisy = splits(digits()), splits(digits("seed=1")), splits(digits("data.label_noise=0.2"))
+    assert splits(digits())["train"].digest == base["train"].digest  # the same run again: the same dataset
+    assert other_seed["train"].digest != base["train"].digest and other_seed["val"].digest != base["val"].digest
+    assert noisy["train"].digest != base["train"].digest  # same examples, other labels
+    assert noisy["val"].digest == base["val"].digest and other_seed["test"].digest == base["test"].digest
+    assert base["train"].name == "digits" and base["train"].profile["num_rows"] == 128
+    assert noisy["train"].profile["label_noise"] == 0.2
+
+
+def test_a_solo_run_has_its_name_role_datasets_and_system_metrics(tmp_path, mlflow_uri, monkeypatch):
+    import threading
+
+    from reglab.runs.datasets import splits
+    from reglab.train import run
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")  # samples of a 1-epoch run
+    run(compose([*TINY, f"paths.root={tmp_path}", f"logger.tracking_uri={mlflow_uri}", "logger.experiment=solo_ui",
+                 "logger.system_metrics=true"]))
+    client = MlflowClient(mlflow_uri)
+    (r,) = client.search_runs([client.get_experiment_by_name("solo_ui").experiment_id])
+    assert r.info.run_name == "mlp-w8-s0" and r.data.tags["role"] == "solo"
+    assert dataset_inputs(r) == {c: ("digits", d.digest) for c, d in splits(digits()).items()}  # the run's own splits
+    assert r.data.tags["reglab.system_metrics_run"] == r.info.run_id
+    assert "system/cpu_utilization_percentage" in r.data.metrics
+    assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]  # stopped with the run
+
+
+def test_population_members_are_named_and_tagged_by_their_swept_values(tmp_path, mlflow_uri, monkeypatch):
+    from reglab.population.train import train_population
+    from reglab.runs import study
+
+    base = [*TINY, f"paths.root={tmp_path}", f"logger.tracking_uri={mlflow_uri}", "logger.experiment=population_ui",
+            "study=ui", "population.mode=on"]
+    parent = study.open_parent(compose(base), {"model.width": "8,16", "seed": "0,1"})
+    monkeypatch.setenv(study.ENV_PARENT, parent)
+    members = [compose([*base, "model.width=8", "seed=0"]), compose([*base, "model.width=16", "seed=1"])]
+    train_population(members)
+    client = MlflowClient(mlflow_uri)
+    children = {r.info.run_name: r for r in client.search_runs(
+        [client.get_experiment_by_name("population_ui").experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")}
+    assert set(children) == {"width=8 seed=0", "width=16 seed=1"}
+    r = children["width=16 seed=1"]
+    assert (r.data.tags["model.width"], r.data.tags["seed"]) == ("16", "1")
+    assert r.data.tags["role"] == r.data.tags["reglab.role"] == "child" and r.data.tags["study"] == "ui"
+    assert client.get_run(parent).data.tags["role"] == "parent"
+    inputs = {name: dataset_inputs(c) for name, c in children.items()}
+    assert all(set(i) == {"train", "val", "test"} and i["train"][0] == "digits" for i in inputs.values())
+    assert inputs["width=8 seed=0"]["train"] != inputs["width=16 seed=1"]["train"]  # seeds 0 and 1: other splits

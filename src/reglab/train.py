@@ -109,7 +109,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     logger = build_logger(cfg, run)
     trainer = build_trainer(cfg, run, logger)
     if logger is not None and run.run_id is None:
-        logger.log_header(cfg, module.num_params, dm.label_noise_realized)
+        logger.log_header(cfg, module.num_params, dm)
         preview = augmentation.preview_for(cfg.get("augmentation"), dm)
         if preview is not None:
             logger.experiment.log_figure(logger.run_id, preview, "augmentation_preview.png")

@@ -123,6 +123,9 @@ class InMemoryDataModule(L.LightningDataModule):
                 )
             train_idx = train_idx[: self.train_size]
         self.num_classes = a.num_classes
+        # Positions in the loaded training set: with the labels below, who this run's splits are (the digest of its
+        # MLflow dataset inputs, reglab/runs/datasets.py).
+        self.train_idx, self.val_idx = train_idx, val_idx
         self.train_x, self.val_x, self.test_x = a.x_train[train_idx], a.x_train[val_idx], a.x_test
         self.val_y, self.test_y = a.y_train[val_idx], a.y_test
         self.clean_train_y = a.y_train[train_idx]

@@ -1,15 +1,18 @@
 """Polynomial curve fitting, Bishop PRML §1.1: y(x, w) = sum_{j=0}^{M} w_j x^j, and three ways to find w.
 
-Error function (Bishop eq. 1.4), the convention used everywhere in reglab's polynomial studies:
+Error function the solvers take (Bishop eq. 1.4 as printed, the "sum" form):
     E~(w) = 1/2 sum_n (y(x_n, w) - t_n)^2 + lambda/2 ||w||^2        (w_0 included, as in Bishop's Table 1.2)
 whose minimiser is the lecture's eq. (13), w* = (X^T X + lambda I)^{-1} X^T t, X_nj = x_n^j. The lecture's
-eq. (11) (||t - Xw||^2 + lambda ||w||^2) has the same minimiser for the same lambda; its eq. (7) (mean squared
-error + lambda ||w||^2) has lambda_(7) = lambda / N.
+eq. (11) (||t - Xw||^2 + lambda ||w||^2) has the same minimiser for the same lambda. Its eq. (7), the "mean" form
+MSE + lambda ||w||^2 (same minimiser as 1/(2N) sum_n (y - t)^2 + lambda/2 ||w||^2), is the sum form with N lambda:
+Bishop's Table 1.2 was computed in that form (its ln lambda = 0 is lambda_sum = N; docs/studies.md, measured).
+`sum_form_ln_lambda` converts; the studies state lambda in the mean form by default (`polynomial.penalty`).
 
 Solvers:
-- `ridge_lstsq`: the closed form computed without forming X^T X. The M = 9, N = 10 design has cond(X) ~ 1e8, so
-  cond(X^T X) ~ 1e16 and the normal equations lose every digit in float64. Instead solve the augmented least-
-  squares problem [X; sqrt(lambda) I] w ~ [t; 0] (same minimiser) with LAPACK gelsd (SVD), in float64.
+- `min_norm_lstsq` / `ridge_lstsq`: the closed form computed without forming X^T X. The M = 9, N = 10 design has
+  cond(X) ~ 1e8, so cond(X^T X) ~ 1e16 and the normal equations lose every digit in float64. Instead solve the
+  augmented least-squares problem [X; sqrt(lambda) I] w ~ [t; 0] (same minimiser) with LAPACK gelsd (SVD), in
+  float64. With lambda = 0 and more features than points gelsd returns the minimum-norm interpolant (linear double descent).
 - `PolynomialRegression`: a LightningModule trained by full-batch gradient descent with heavy-ball momentum.
 - `lasso_cd`: L1 instead of L2, E(w) = 1/2 ||t - Xw||^2 + lambda ||w||_1, by cyclic coordinate descent whose
   coordinate step is the lecture's soft-thresholding rule.
@@ -43,18 +46,41 @@ def e_rms(w: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (predict(w, x) - t).pow(2).mean(-1).sqrt()
 
 
-def ridge_lstsq(x: torch.Tensor, t: torch.Tensor, order: int, ln_lambda: float = -math.inf) -> torch.Tensor:
-    """argmin_w E~(w) for x, t of shape (..., N) (a batch of data sets is solved at once) -> (..., M+1).
+PENALTIES = ("mean", "sum")
 
-    ln_lambda = -inf is plain least squares (lambda = 0). float64, CPU (gelsd is the SVD driver).
+
+def sum_form_ln_lambda(ln_lambda: float, n: int, penalty: str) -> float:
+    """ln of the sum-form lambda (what the solvers take) for ln_lambda given in `penalty` form on n points.
+
+    mean: 1/(2N) sum (y - t)^2 + lambda/2 ||w||^2, i.e. half the lecture's eq. (7): the sum form with N lambda
+    (likewise 1/(2N) ||t - Xw||^2 + lambda ||w||_1 for the lasso, sklearn's alpha). sum: Bishop eq. (1.4).
     """
-    x, t = x.double().cpu(), t.double().cpu()
-    phi = design_matrix(x, order)
+    if penalty not in PENALTIES:
+        raise ValueError(f"penalty={penalty!r} is not one of {', '.join(PENALTIES)}")
+    return ln_lambda + math.log(n) if penalty == "mean" else ln_lambda
+
+
+def min_norm_lstsq(phi: torch.Tensor, t: torch.Tensor, ln_lambda: float = -math.inf) -> torch.Tensor:
+    """argmin_w 1/2 ||t - Phi w||^2 + lambda/2 ||w||^2 for Phi (..., N, P), t (..., N) -> w (..., P).
+
+    ln_lambda = -inf is plain least squares; gelsd (SVD, singular values below eps * max(N, P) * s_max dropped)
+    then returns the minimum-norm solution, Phi^+ t, also when P > N and Phi w = t has many solutions. float64, CPU.
+    """
+    phi, t = phi.double().cpu(), t.double().cpu()
     if ln_lambda > -math.inf:
-        eye = math.exp(ln_lambda / 2) * torch.eye(order + 1, dtype=phi.dtype).expand(*phi.shape[:-2], -1, -1)
+        p = phi.shape[-1]
+        eye = math.exp(ln_lambda / 2) * torch.eye(p, dtype=phi.dtype).expand(*phi.shape[:-2], -1, -1)
         phi = torch.cat([phi, eye], dim=-2)
-        t = torch.cat([t, t.new_zeros(*t.shape[:-1], order + 1)], dim=-1)
+        t = torch.cat([t, t.new_zeros(*t.shape[:-1], p)], dim=-1)
     return torch.linalg.lstsq(phi, t.unsqueeze(-1), driver="gelsd").solution.squeeze(-1)
+
+
+def ridge_lstsq(x: torch.Tensor, t: torch.Tensor, order: int, ln_lambda: float = -math.inf) -> torch.Tensor:
+    """argmin_w E~(w) (sum form) for x, t of shape (..., N) (a batch of data sets is solved at once) -> (..., M+1).
+
+    ln_lambda = -inf is plain least squares (lambda = 0).
+    """
+    return min_norm_lstsq(design_matrix(x.double().cpu(), order), t, ln_lambda)
 
 
 # --- gradient descent ------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
         loggers = []
     for c, r, lg, net, dm in zip(cfgs, runs, loggers, nets, dms):
         if r.run_id is None:
-            lg.log_header(c, sum(p.numel() for p in net.parameters()), dm.label_noise_realized)
+            lg.log_header(c, sum(p.numel() for p in net.parameters()), dm)
     ck = (lead.get("callbacks") or {}).get("checkpoint") or {}
     checkpoint = Checkpoint(dirpath=str(folder), monitor=None, save_top_k=0, save_last=True,
                             every_n_epochs=int(ck.get("every_n_epochs") or 1), last_every_s=ck.get("last_every_s"),

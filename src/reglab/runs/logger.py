@@ -6,8 +6,11 @@
   resuming reads): `flush()`, called by reglab's Checkpoint right before it makes last.ckpt current, so the stored
   history is never behind the checkpoint, and otherwise at most every FLUSH_EVERY_S seconds (the UI follows a run);
   a SQLite commit costs as much as an epoch of a small MLP, so not once per epoch;
-- records the run's header (flattened config as params, config.yaml, git commit and package versions) and, after
-  the run ended, the metrics of what follows it (early stopping's after-stop phase).
+- records the run's header (flattened config as params, config.yaml, git commit and package versions, its data
+  splits as MLflow dataset inputs: reglab/runs/datasets.py) and, after the run ended, the metrics of what follows it
+  (early stopping's after-stop phase);
+- with `logger.system_metrics=true`, runs MLflow's system-metrics monitor (`system/*`: CPU, memory, disk, network
+  and, with nvidia-ml-py, GPU utilisation and memory) on the run until it ends.
 
 The Classifier hands over each epoch's metrics in one `log_metrics(metrics, step=epoch)` call at the end of the
 epoch (reglab/classifier.py). A history ahead of the checkpoint is fine (a resume recomputes those epochs and drops
@@ -30,6 +33,8 @@ from reglab.runs.lookup import LOGGED_EPOCH_TAG, Run
 MAX_BATCH = 1000  # MLflow takes at most 1,000 metrics per request
 FLUSH_EVERY_S = 60.0  # with checkpoints on, last.ckpt writes (every 30 s by default) flush first anyway
 MAX_PARAMS, MAX_PARAM = 100, 6000  # ... 100 params per request, 6,000 characters per value
+SYSTEM_METRICS_RUN_TAG = "reglab.system_metrics_run"  # the run that holds its process's system/* metrics
+_watching: RunLogger | None = None  # the logger whose run this process's system-metrics monitor writes to
 
 
 class RunLogger(MLFlowLogger):
@@ -40,6 +45,7 @@ class RunLogger(MLFlowLogger):
         self.tracking_uri = kwargs["tracking_uri"]
         self._pending: list[tuple[dict[str, float], int]] = []
         self._failed = False
+        self._monitor = None
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -74,18 +80,51 @@ class RunLogger(MLFlowLogger):
         self._failed = True
 
     @rank_zero_only
+    def watch_system(self, resume: bool = False) -> None:
+        """MLflow's SystemMetricsMonitor on this run: a thread sampling every 10 s (or
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL), stopped by `finalize`. One per process: psutil's CPU percentage is
+        the time since its previous call by anyone, so a second monitor would split it; the other members of a
+        population get the tag reglab.system_metrics_run naming the run that holds it. `resume`: continue the run's
+        system/* steps."""
+        global _watching
+        if _watching is not None:
+            self.experiment.set_tag(self.run_id, SYSTEM_METRICS_RUN_TAG, _watching.run_id)
+            return
+        try:
+            import psutil  # noqa: F401  (mlflow's CPU monitor)
+        except ImportError:
+            raise ConfigError("logger.system_metrics=true needs psutil (pip install psutil); or set "
+                              "logger.system_metrics=false") from None
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.tracking_uri)
+        self._monitor.start()
+        self.experiment.set_tag(self.run_id, SYSTEM_METRICS_RUN_TAG, self.run_id)
+        _watching = self
+
+    @rank_zero_only
     def finalize(self, status: str = "success") -> None:
+        global _watching
         self.flush()
+        if self._monitor is not None:  # before the run ends, so the monitor's last samples still reach it
+            self._monitor.finish()
+            self._monitor, _watching = None, None
         super().finalize("failed" if self._failed else status)
 
     @rank_zero_only
-    def log_header(self, cfg: DictConfig, model_params: int, label_noise_realized: float) -> None:
-        """The config (flattened) and two measured values as MLflow params, config.yaml, and the same two values as
-        step-0 metrics. Those go in epoch 0's batch: written alone, their batch's reglab.logged_epoch tag would claim
-        epoch 0 before it was trained, and a kill after its checkpoint would resume without ever logging it."""
+    def log_header(self, cfg: DictConfig, model_params: int, data) -> None:
+        """The config (flattened) and two measured values (the model's parameters, the label noise that `data`, the
+        run's set-up datamodule, drew) as MLflow params, config.yaml, the data's splits as dataset inputs, and the two
+        values as step-0 metrics. Those go in epoch 0's batch: written alone, their batch's reglab.logged_epoch tag
+        would claim epoch 0 before it was trained, and a kill after its checkpoint would resume without ever logging
+        it."""
+        from reglab.runs import datasets
+
+        label_noise_realized = data.label_noise_realized
         measured = {"model.params": model_params, "data.label_noise_realized": label_noise_realized}
         self.log_hyperparams({**store.flatten(OmegaConf.to_container(cfg, resolve=True)), **measured})
         self.experiment.log_text(self.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        self.experiment.log_inputs(self.run_id, datasets=datasets.inputs(data))
         self._pending.append(({"model/params": float(model_params), "data/label_noise_realized": label_noise_realized},
                               0))
 
@@ -106,12 +145,17 @@ def build_logger(cfg: DictConfig, run: Run) -> RunLogger | None:
     if backend != "mlflow":
         raise ConfigError(f"logger.backend={backend!r} is not one of mlflow, none")
     uri, artifacts = store.resolve(cfg.logger.get("tracking_uri"), cfg.paths.root)
-    return RunLogger(
+    logger = RunLogger(
         run,
         experiment_name=cfg.logger.experiment,
         run_name=run.name,
         tracking_uri=uri,
         artifact_location=artifacts,
-        tags={"fingerprint": run.identity, **store.code_tags(), **(cfg.logger.get("tags") or {}), **run.tags},
+        # role: solo, or child for a study's child (run.tags); the search box finds `tags.role = 'solo'`.
+        tags={"fingerprint": run.identity, "role": "solo", **store.code_tags(), **(cfg.logger.get("tags") or {}),
+              **run.tags},
         log_model=bool(cfg.logger.get("log_model", False)),
     )
+    if cfg.logger.get("system_metrics"):
+        logger.watch_system(resume=run.run_id is not None)
+    return logger

@@ -56,6 +56,8 @@ class Run:
 
 
 def run_name(cfg: DictConfig) -> str:
+    """`run_name`, else <model>-w<width>-s<seed>: a single run's MLflow name and every run's checkpoint folder (a
+    study child's MLflow name is its swept values: study.child_name)."""
     if cfg.get("run_name"):
         return cfg.run_name
     model = cfg.model._target_.rsplit(".", 1)[-1].lower()
@@ -87,10 +89,13 @@ def find_run(cfg: DictConfig, last: Path | None = None) -> Run:
     from reglab.runs import study
 
     run.tracked, run.in_study = True, bool(cfg.get("study"))
-    client, exp_id, _ = store.experiment(cfg)
+    client, exp_id, uri = store.experiment(cfg)
     if run.in_study:
         parent = study.parent_id(cfg)
-        run.tags = study.child_tags(parent, cfg.study)
+        swept = study.swept_values(cfg, study.swept_keys(uri, parent))
+        run.tags = {**swept, **study.child_tags(parent, cfg.study)}
+        if swept and not cfg.get("run_name"):
+            run.name = study.child_name(swept)
         found = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}' and tags.fingerprint = "
                                    f"'{ident}'", order_by=["attributes.start_time DESC"])
         done = [r for r in found if r.info.status == "FINISHED" or "failure_reason" in r.data.tags]

@@ -14,6 +14,7 @@ Reports and tables go to `<paths.results>/<study>/` and to the parent's artifact
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from reglab.errors import ConfigError
 from reglab.runs import store
@@ -34,7 +35,46 @@ ENV_PARENT = "REGLAB_STUDY_PARENT"
 
 
 def child_tags(parent_run_id: str, study: str) -> dict[str, str]:
-    return {"mlflow.parentRunId": parent_run_id, "study": study, "reglab.role": "child"}
+    return {"mlflow.parentRunId": parent_run_id, "study": study, "reglab.role": "child", "role": "child"}
+
+
+@functools.lru_cache(maxsize=64)
+def swept_keys(tracking_uri: str, parent_run_id: str) -> tuple[str, ...]:
+    """The study's swept keys, sorted: its parent's `sweep.<key>` tags (open_parent). Read once per process and
+    parent: a population looks up each of its members twice."""
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(tracking_uri).get_run(parent_run_id).data.tags
+    return tuple(sorted(k.removeprefix("sweep.") for k in tags if k.startswith("sweep.")))
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple, dict, ListConfig, DictConfig)):  # a group's entries: regularization=[l2,dropout]
+        return "+".join(map(str, value)) or "none"
+    return str(value)
+
+
+def swept_values(cfg: DictConfig, keys: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """{key: value as text} of a child's swept keys: its run name and its tags (`tags.seed = '3'` in the search box).
+    A swept config group (regularization=l2_dropout_bn, stopping=retrain) is named by Hydra's choice when Hydra runs
+    the job, else by its entries."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    out = {}
+    for key in keys:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, (DictConfig, ListConfig)) and key in choices:
+            value = choices[key]
+        out[key] = _text(value)
+    return out
+
+
+def child_name(values: dict[str, str]) -> str:
+    """`label_noise=0.1 width=48 seed=3`: the swept values, each key without its group (model.width -> width)."""
+    return " ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in values.items())
 
 
 def sweep_axes(hydra_cfg: DictConfig) -> dict[str, str]:
@@ -60,7 +100,8 @@ def open_parent(cfg: DictConfig, axes: dict[str, str] | None = None) -> str:
         parent = found[0].info.run_id
     else:
         parent = client.create_run(exp_id, run_name=cfg.study, tags={
-            "study": cfg.study, "reglab.study_key": key, "reglab.role": "parent", **store.code_tags()}).info.run_id
+            "study": cfg.study, "reglab.study_key": key, "reglab.role": "parent", "role": "parent",
+            **store.code_tags()}).info.run_id
     for k, values in axes.items():
         client.set_tag(parent, f"sweep.{k}", values)
     if cfg.get("report"):
