@@ -3,7 +3,11 @@ writes, to results/<study>/ and the parent run's artifacts,
 
 - learning_curves.png: train and validation loss per epoch of one run trained past the optimum (the lecture's
   Goodfellow et al. Fig. 7.3), with the early-stopping point i* and the epoch where early stopping stopped;
-- test_error.png / test_error.{csv,md}: final test error of each arm, mean +- std over seeds (bars + each seed);
+- test_error.png / test_error.{csv,md}: final test error of each arm over seeds (`reglab.results.summarize`: n,
+  mean, SE, 95% t-interval; the CSV also the std, ddof=1), bars = mean with +-1 SE error bars, each seed a dot;
+- paired.{csv,md}: each early-stopping arm's test error minus the `final` arm's on the same seed (same data, noise,
+  initialization and, up to the stop, the same training; `reglab.results.paired`): n, mean, SE, 95% interval,
+  `distinct` (the interval excludes 0);
 - stopping_points.{csv,md}: per seed, i* (argmin of the early-stopping run's val/loss history), the epoch it
   stopped at, and the lowest val/loss epoch of the run trained for all epochs;
 - runs.csv: one row per child run, the numbers the tables are made of.
@@ -21,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reglab.studies.output import parent_config
+from reglab import results
 from reglab.errors import ReglabError
-from reglab.studies.output import markdown_table
+from reglab.studies.output import markdown_table, parent_config
 
 ARMS = {  # arm -> (label, the run's metric that holds its final test error)
     "final": ("no early stopping\n(final weights)", "test/err"),
@@ -34,43 +38,48 @@ ARMS = {  # arm -> (label, the run's metric that holds its final test error)
 AFTER_STOP_ARM = {"none": "best", "retrain": "retrain", "continue": "continue"}
 
 
-def arm_of(params: dict[str, str]) -> str:
-    """The arm of a child run from its logged config: no early-stopping callback = `final`."""
-    if "callbacks.early_stopping._target_" not in params:
+def arm_of(params) -> str:
+    """The arm of a child run from its logged config (a dict of params, or a `results.runs` row where a param the
+    run does not have is NaN): no early-stopping callback = `final`."""
+    def given(key):
+        v = params.get(key)
+        return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+
+    if given("callbacks.early_stopping._target_") is None:
         return "final"
-    return AFTER_STOP_ARM[params.get("stopping.after_stop") or "none"]
+    return AFTER_STOP_ARM[given("stopping.after_stop") or "none"]
 
 
-def history(client, run_id: str, key: str) -> pd.Series:
-    """{0-based epoch: value} of a per-epoch metric (the Classifier logs step = epoch)."""
-    points = {m.step: m.value for m in client.get_metric_history(run_id, key)}
-    return pd.Series(points, dtype=float).sort_index()
+def _get(row, key):
+    v = row.get(key, np.nan)
+    return None if pd.isna(v) else v
 
 
 def collect(client, parent) -> tuple[pd.DataFrame, dict[tuple[str, int], dict[str, pd.Series]]]:
-    """(one row per finished child run, {(arm, seed): {"train/loss": series, "val/loss": series}})."""
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and attributes.status = 'FINISHED'",
-    )
+    """(one row per finished child run, {(arm, seed): {"train/loss": series, "val/loss": series}}), from
+    `reglab.results.runs`: the final metrics, and the per-epoch histories (step = 0-based epoch)."""
+    finals = results.runs(client, parent)
+    curves_df = results.runs(client, parent, history=["train/loss", "val/loss"])
     rows, curves = [], {}
-    for r in runs:
-        arm, seed = arm_of(r.data.params), int(r.data.params.get("seed", 0))
+    for r in finals.to_dict("records"):
+        arm, seed = arm_of(r), int(_get(r, "seed") or 0)
         metric = ARMS[arm][1]
-        if metric not in r.data.metrics:
+        if _get(r, metric) is None:
             continue
-        val = history(client, r.info.run_id, "val/loss")
-        curves[(arm, seed)] = {"train/loss": history(client, r.info.run_id, "train/loss"), "val/loss": val}
-        best = r.data.metrics.get("early_stopping/best_epoch")
+        h = curves_df[curves_df["run_id"] == r["run_id"]].set_index("step").sort_index()
+        val = h["val/loss"].dropna().astype(float) if len(h) else pd.Series(dtype=float)
+        train = h["train/loss"].dropna().astype(float) if len(h) else pd.Series(dtype=float)
+        curves[(arm, seed)] = {"train/loss": train, "val/loss": val}
+        best = _get(r, "early_stopping/best_epoch")
         rows.append({
-            "arm": arm, "seed": seed, "run_id": r.info.run_id,
-            "test_err": r.data.metrics[metric],
+            "arm": arm, "seed": seed, "run_id": r["run_id"],
+            "test_err": r[metric],
             "epochs": len(val),  # epochs trained in the (first) fit
             "i_star": int(val.idxmin()) + 1 if len(val) else None,  # argmin of the val/loss history, 1-based
             "best_epoch_logged": None if best is None else int(best) + 1,
-            "best_step": r.data.metrics.get("early_stopping/best_step"),
-            "best_val_loss": r.data.metrics.get("early_stopping/best_val_loss"),
-            "extra_steps": r.data.metrics.get("early_stopping/steps"),  # retrain/continue phase
+            "best_step": _get(r, "early_stopping/best_step"),
+            "best_val_loss": _get(r, "early_stopping/best_val_loss"),
+            "extra_steps": _get(r, "early_stopping/steps"),  # retrain/continue phase
         })
     if not rows:
         raise ReglabError(f"study={parent.data.tags.get('study')!r}: no finished child run with a test error yet")
@@ -80,15 +89,21 @@ def collect(client, parent) -> tuple[pd.DataFrame, dict[tuple[str, int], dict[st
 
 
 def test_error_table(runs: pd.DataFrame) -> pd.DataFrame:
-    g = runs.groupby("arm", sort=False)
-    t = pd.DataFrame({
-        "seeds": g["seed"].nunique(),
-        "test_err_mean": g["test_err"].mean(),
-        "test_err_std": g["test_err"].std(ddof=0),
-        "epochs_mean": g["epochs"].mean(),
-    })
-    t.insert(0, "what", [ARMS[a][0].replace("\n", " ") for a in t.index])
-    return t.reset_index()
+    """Per arm (in ARMS' order): n and the mean, std (ddof=1), SE and 95% t-interval over seeds of the final test
+    error and of the epochs trained (`results.summarize`)."""
+    t = results.summarize(runs, "arm", ["test_err", "epochs"])
+    t = t.set_index("arm").loc[[a for a in ARMS if a in set(t["arm"])]].reset_index()
+    t.insert(1, "what", [ARMS[a][0].replace("\n", " ") for a in t["arm"]])
+    return t
+
+
+def paired_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each other arm's test error minus the `final` arm's on the same seed (empty without a `final` run)."""
+    if not (runs["arm"] == "final").any() or runs["arm"].nunique() < 2:
+        return pd.DataFrame(columns=["arm", "n", "diff_mean", "diff_std", "diff_se", "diff_ci_low", "diff_ci_high",
+                                     "distinct"])
+    d = results.paired(runs, "arm", "final", "test_err", pair_on="seed")
+    return d.set_index("arm").loc[[a for a in ARMS if a in set(d["arm"])]].reset_index()
 
 
 def stopping_points(runs: pd.DataFrame, curves: dict) -> pd.DataFrame:
@@ -156,21 +171,24 @@ def _figure_test_error(table: pd.DataFrame, runs: pd.DataFrame, subtitle: str, o
     fig, ax = plt.subplots(figsize=(8, 4.8))
     x = np.arange(len(table))
     colors = ["tab:gray", "tab:blue", "tab:green", "tab:orange"]
-    ax.bar(x, 100 * table["test_err_mean"], yerr=100 * table["test_err_std"], capsize=5, alpha=0.75,
-           color=colors[: len(table)], label="mean ± std over seeds")
+    mean, se = 100 * table["test_err_mean"].to_numpy(), 100 * table["test_err_se"].fillna(0).to_numpy()
+    ax.bar(x, mean, yerr=se, capsize=5, alpha=0.75, color=colors[: len(table)],
+           label="bar: mean; error bar: ± 1 SE over seeds")
+    top = 0.0
     for i, arm in enumerate(table["arm"]):
         errs = 100 * runs[runs.arm == arm]["test_err"].to_numpy()
         ax.plot(np.full(len(errs), i) + np.linspace(-0.15, 0.15, len(errs)), errs, "k.", ms=5,
                 label="one seed" if i == 0 else None)
-        ax.annotate(f"{100 * table['test_err_mean'].iloc[i]:.1f} ± {100 * table['test_err_std'].iloc[i]:.1f}%",
-                    (i - 0.38, 100 * table["test_err_mean"].iloc[i]), textcoords="offset points", xytext=(0, 3),
-                    fontsize=8)
+        end = max(mean[i] + se[i], errs.max(initial=mean[i]))  # above the error bar and every seed's dot
+        top = max(top, end)
+        ax.annotate(f"{mean[i]:.1f} ± {se[i]:.1f}%" if se[i] else f"{mean[i]:.1f}%", (i, end),
+                    textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
     ax.set_xticks(x, [ARMS[a][0] for a in table["arm"]], fontsize=8)
     ax.set_ylabel("test error (%)")
-    ax.set_title(f"Final test error with and without early stopping ({int(table['seeds'].max())} seeds)\n{subtitle}",
-                 fontsize=10)
+    ax.set_title(f"Final test error with and without early stopping (n = {int(table['n'].max())} seeds)\n"
+                 f"{subtitle}", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
-    ax.set_ylim(0, 100 * float(runs["test_err"].max()) * 1.2)
+    ax.set_ylim(0, top * 1.25)  # room for the labels and the legend
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(out / "test_error.png", dpi=130)
@@ -201,8 +219,19 @@ def report(client, parent, out: Path) -> None:
     table = test_error_table(runs)
     table.to_csv(out / "test_error.csv", index=False)
     study = parent.data.tags.get("study", "study")
+    shown = ["arm", "what", "n", "test_err_mean", "test_err_se", "test_err_ci_low", "test_err_ci_high", "epochs_mean"]
     (out / "test_error.md").write_text(
-        f"# {study}: final test error by arm (mean ± std over seeds)\n\n{subtitle}\n\n" + markdown_table(table))
+        f"# {study}: final test error by arm (mean ± SE over seeds)\n\n{subtitle}\n\n"
+        "SE = sample std (ddof=1) / sqrt(n); ci = 95% Student-t interval; test_error.csv also has the std. Paired "
+        "differences from the `final` arm: paired.md.\n\n" + markdown_table(table[shown]))
+    paired = paired_table(runs)
+    paired.to_csv(out / "paired.csv", index=False)
+    (out / "paired.md").write_text(
+        f"# {study}: test error minus the `final` arm's (no early stopping), paired by seed\n\n{subtitle}\n\n"
+        "Per arm: the differences test_err(arm) − test_err(final) of the runs with the same seed (same data, label "
+        "noise, initialization and batch order), as n, mean, std (ddof=1), SE and 95% Student-t interval; distinct "
+        "= the interval excludes 0. Negative = better than training for all epochs.\n\n"
+        + (markdown_table(paired) if len(paired) else "No `final` run to pair with.\n"))
     points = stopping_points(runs, curves)
     points.to_csv(out / "stopping_points.csv", index=False)
     (out / "stopping_points.md").write_text(
