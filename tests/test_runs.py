@@ -153,3 +153,24 @@ def test_population_members_are_named_and_tagged_by_their_swept_values(tmp_path,
     inputs = {name: dataset_inputs(c) for name, c in children.items()}
     assert all(set(i) == {"train", "val", "test"} and i["train"][0] == "digits" for i in inputs.values())
     assert inputs["width=8 seed=0"]["train"] != inputs["width=16 seed=1"]["train"]  # seeds 0 and 1: other splits
+
+
+def test_a_swept_group_is_named_by_its_hydra_choice_or_its_entries():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from conftest import CONF
+    from reglab.runs.study import child_name, swept_values
+
+    keys = ("data.label_noise", "regularization", "seed")
+    assert swept_values(compose(["regularization=[l2,dropout]", "seed=3"]), keys) == {
+        "data.label_noise": "0.0", "regularization": "l2+dropout", "seed": "3"}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        job = hydra_compose("train", ["regularization=l2_dropout_bn", "data.label_noise=0.1"], return_hydra_config=True)
+    before = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(job)  # what Hydra does in a job's process
+    try:
+        assert child_name(swept_values(job, keys)) == "label_noise=0.1 regularization=l2_dropout_bn seed=0"
+    finally:
+        HydraConfig.instance().cfg = before

@@ -4,7 +4,8 @@ store.py     the MLflow store (SQLite under paths.root/mlruns by default) and th
 identity.py  one hash of what a run computes (minus how it is observed)
 lookup.py    open_run(cfg) -> Run: done / resume from last.ckpt / new, for single runs and study children alike
 logger.py    RunLogger: new or continued run, batched epochs, the header, metrics after the run ended
-study.py     a study's parent run, its children's tags, the Hydra callback around a sweep, the report
+datasets.py  a run's splits as MLflow dataset inputs (the UI's Dataset column): name, digest, sizes, context
+study.py     a study's parent run, its children's names and tags, the Hydra callback around a sweep, the report
 """
 
 # reglab.runs.logger imports Lightning (seconds): not re-exported here, so a sweep's launching process, which only

@@ -66,7 +66,7 @@ def swept_values(cfg: DictConfig, keys: tuple[str, ...] | list[str]) -> dict[str
     out = {}
     for key in keys:
         value = OmegaConf.select(cfg, key, default=None)
-        if isinstance(value, (DictConfig, ListConfig)) and key in choices:
+        if isinstance(value, (DictConfig, ListConfig)) and choices.get(key) is not None:  # none for a list of options
             value = choices[key]
         out[key] = _text(value)
     return out
