@@ -150,6 +150,15 @@ def _pick_widths(table: pd.DataFrame, critical: int | None) -> list[int]:
     return sorted({widths[0], mid, widths[-1]})
 
 
+def _spaced(widths: list, ratio: float = 1.25) -> list:
+    """Tick widths at least `ratio` apart on the log axis (48, 56, 64 would print over each other)."""
+    out = widths[:1]
+    for v in widths[1:]:
+        if v >= ratio * out[-1]:
+            out.append(v)
+    return out
+
+
 def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: str, out: Path) -> None:
     import matplotlib
 
@@ -170,8 +179,9 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
     band = f"mean ± 1 SE, {seeds_text(table)}" if table["n"].max() > 1 else "one seed"
 
     # Model-wise: final errors (left) and test loss (right) vs width, mean +- 1 SE over seeds.
-    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(12, 5.5))
     w = table["width"].to_numpy()
+    ticks = _spaced(list(w))
 
     def curve(axis, col, scale, label, color):
         mean, se = scale * table[f"{col}_mean"].to_numpy(), scale * table[f"{col}_se"].to_numpy()
@@ -183,10 +193,8 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
     if "train_eval_err_mean" in table:
         curve(ax, "train_eval_err", 100, "train error (noisy labels, eval mode)", "tab:cyan")
     curve(ax_loss, "test_loss", 1, "test loss", "tab:purple")
-    # Legends where the curves are not: error falls from the left, loss is low on the left.
-    peaks = ((ax, "test_err", 100, "test-error peak: {:.1f}%", "lower left"),
-             (ax_loss, "test_loss", 1, "test-loss peak: {:.3f}", "center left"))
-    for axis, col, scale, text, where in peaks:
+    peaks = ((ax, "test_err", 100, "test-error peak: {:.1f}%"), (ax_loss, "test_loss", 1, "test-loss peak: {:.3f}"))
+    for axis, col, scale, text in peaks:
         if critical is not None:
             axis.axvline(critical, color="gray", ls="--", lw=1, label=threshold_label)
         if table[f"{col}_mean"].notna().any():
@@ -197,15 +205,15 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
                           arrowprops={"arrowstyle": "->", "lw": 0.8})
         axis.margins(y=0.12)  # room for the peak's label
         axis.set_xscale("log")
-        plain_log_axis(axis.xaxis, list(w))
+        plain_log_axis(axis.xaxis, ticks)
         axis.set_xlabel("width (log scale)")
         axis.grid(alpha=0.3, which="both")
-        axis.legend(fontsize=8, loc=where)
+        axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: never over a curve
     ax.set_ylabel("error (%)")
     ax_loss.set_ylabel("test loss (cross-entropy)")
     fig.suptitle(f"Model-wise double descent: {study}\n{subtitle}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "modelwise.png", dpi=130)
+    fig.savefig(out / "modelwise.png", dpi=130, bbox_inches="tight")
     plt.close(fig)
 
     # Weight norm vs width: the final ||W||_2 (params/l2, the matrices a penalty would act on), mean +- 1 SE.
@@ -215,7 +223,7 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
         if critical is not None:
             ax.axvline(critical, color="gray", ls="--", lw=1, label=threshold_label)
         ax.set_xscale("log")
-        plain_log_axis(ax.xaxis, list(w))
+        plain_log_axis(ax.xaxis, ticks)
         ax.set_ylim(0, None)
         ax.set_xlabel("width (log scale)")
         ax.set_ylabel("||W||₂ over the weight matrices")
