@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> float | None:
     metrics = cli.run_job(train, cfg, CONF)  # a user error: one line `error: ...`, exit status 2
     if metrics is None:  # a multirun job that failed: the sweep goes on, cli.main exits non-zero at its end
         return None
-    print(" ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))))
+    cli.metrics_line(metrics)  # a single run's val/ and test/ line; a sweep prints one line per member instead
     return metrics.get("val/loss")
 
 

@@ -134,6 +134,13 @@ def _multirun_job() -> tuple[str, Path] | None:
     return f"job {hc.job.num} ({' '.join(hc.overrides.task)})", Path(hc.runtime.output_dir)
 
 
+def metrics_line(metrics: dict[str, float]) -> None:
+    """A single run's last line: its val/ and test/ metrics. A multirun job prints nothing: the launching process
+    prints one line per member with its swept values (reglab/progress.py)."""
+    if _multirun_job() is None:
+        print(" ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))))
+
+
 def fail(line: str) -> NoReturn:
     print(f"error: {line}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
@@ -151,10 +158,17 @@ def run_job(task: Callable[[Any], Any], cfg: Any, conf_dir: Path) -> Any:
     job's number, written to <job folder>/error.txt and the job returns None: Hydra skips the study's report
     (on_multirun_end) when a job raises, so the job must not; `SweepFailures` collects the files and `main` exits
     non-zero after the rest of the sweep ran."""
+    from reglab import progress
+
+    progress.job_started(cfg)  # the launching process shows the sweep from these events (reglab/progress.py)
     try:
-        return task(cfg)
+        with progress.job_output():  # on a terminal a sweep job's prints go to its folder: the live view is there
+            metrics = task(cfg)
+        progress.job_ended(metrics)
+        return metrics
     except Exception as e:
         line = one_line(e, conf_dir)
+        progress.job_ended(None, line or f"{type(e).__name__} (a bug: its traceback follows)")
         if line is None:
             raise
         job = _multirun_job()

@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from reglab import performance, train
+from reglab import performance, progress, train
 from reglab.checkpoint import Checkpoint
 from reglab.classifier import Classifier
 from reglab.config import validate
@@ -64,8 +64,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if todo:
         for i, m in zip(todo, train_population([cfgs[i] for i in todo])):
             metrics[i] = m
-    print(f"population: {len(cfgs)} members, {len(todo)} trained here, {len(cfgs) - len(todo)} done before",
-          file=sys.stderr)
+    progress.members_done(cfg, metrics, todo)  # each member's line in the sweep's progress (reglab/progress.py)
     keys = set.intersection(*(set(m) for m in metrics)) if metrics else set()
     return {k: sum(m[k] for m in metrics) / len(metrics) for k in keys}  # the members' mean, for the job's line
 

@@ -18,7 +18,6 @@ import functools
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -164,6 +163,9 @@ class StudyCallback(Callback):
             stop(e)
         if config.get("study"):
             os.environ[ENV_PARENT] = open_parent(config, sweep_axes(config.hydra))
+        from reglab import progress
+
+        progress.start(config)  # the sweep's live view, or a line per finished member (from its jobs' events)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("study") and config.logger.get("backend") == "mlflow":  # one configuration of a study
@@ -173,13 +175,17 @@ class StudyCallback(Callback):
         os.environ.pop(ENV_PARENT, None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from reglab import progress
+
+        progress.stop()  # the live view ends before the report writes
         parent = os.environ.pop(ENV_PARENT, None)
         if not parent:
+            progress.finish(sweep_dir=config.hydra.sweep.dir)
             return
         client, _, _ = store.experiment(config)
         try:
             out = write_report(config, parent)
-            print(f"report: {out}", file=sys.stderr)
+            progress.finish(client.get_run(parent), out)  # counts, the study's headline, where the report is
         finally:
             client.update_run(parent, status="FINISHED")
 
