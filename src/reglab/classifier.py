@@ -3,7 +3,8 @@
 Metrics are accumulated on the device during an epoch (sum of loss, correct, count) and logged once per epoch:
 per-step `self.log` synchronizes the device and costs ~25% of a small model's throughput. Names:
 `{train,val,test}/{loss,acc,err}`, `train/penalty/<name>`, `model/params`. The logged `step` is the epoch, so
-MLflow's x axis reads in epochs.
+MLflow's x axis reads in epochs. With a weight average (`ema`, `swa`) val/ and test/ metrics are the average's; with
+mixed targets (`mixup`, `cutmix`) train/acc counts the dominant label; label smoothing smooths train/loss only.
 """
 
 from __future__ import annotations
