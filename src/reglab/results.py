@@ -6,7 +6,8 @@ From a notebook or a Python prompt (the default store of a checkout; `tracking_u
     >>> runs = results.load("double_descent")                    # one row per finished child of the newest parent
     >>> results.summarize(runs, by="model.width", metrics=["test/err"])
     >>> curves = results.load("double_descent", history=["test/err", "train/err"])   # one row per (run, step)
-    >>> results.paired(runs, "regularization", baseline="none", metric="test/err")  # same seed, same data
+    >>> results.paired(runs, "model.width", baseline=16, metric="test/err")  # same seed = same data, per width
+    >>> results.ranks(runs, "model.width", "test/err")              # 1 + groups distinctly better; ties share
 
 Columns of `runs(...)`/`load(...)`: `run_id`, `run_name`, `status`, every param under its config key (`model.width`,
 `seed`; numbers parsed, "None" -> NaN), every final metric under its MLflow key (`test/err`). With `history=`, one row
