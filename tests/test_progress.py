@@ -109,7 +109,10 @@ def test_the_grid_is_the_one_hydra_expands_and_labels_name_the_swept_keys():
     # The command line's sweeps (the compose API refuses them) over the preset's grid of 20 widths x 5 seeds.
     cfg.hydra.overrides.task = [*task, "model.width=8,16", "seed=0,1,2"]
     members, swept = progress.grid(cfg)
-    assert len(members) == 6 and set(swept) == {"model.width", "seed"}
+    assert len(members) == 6 and swept == ["model.width", "seed"]
+    cfg.hydra.overrides.task = [*task, "model.width=8,16", "seed=0"]
+    assert progress.grid(cfg)[1] == ["model.width"]  # one seed: not a swept key any more
+    cfg.hydra.overrides.task = [*task, "model.width=8,16", "seed=0,1,2"]
     assert all("data.label_noise=0.1" in m for m in members)
     sweep = Sweep(members, swept, 10, 0.0)
     assert sorted(m.label for m in sweep.members.values())[:2] == ["model.width=16 seed=0", "model.width=16 seed=1"]

@@ -5,6 +5,7 @@ the resumed child, the new child, the parent and the report, and a third run tha
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,8 @@ def steps(root: Path, run, key: str = "train/loss") -> list[int]:
 @pytest.fixture(scope="module")
 def killed_sweep(tmp_path_factory, empty_store):
     """The sweep (widths 64 then 8) killed once its first child has a checkpoint and MLflow holds its history that far
-    (after epoch index EVERY-1), then the same command again. -> (root, the child as the kill left it)."""
+    (after epoch index EVERY-1), then the same command again. -> (root, the child as the kill left it, the rerun's
+    CompletedProcess)."""
     root = with_store(tmp_path_factory.mktemp("killed_sweep"), empty_store)
     killed_at = kill_once_logged(*SWEEP, f"hydra.sweep.dir={root}/sweep", root=root, epoch=EVERY - 1)
     assert EVERY - 1 <= killed_at < EPOCHS - 1, \
@@ -57,14 +59,14 @@ def killed_sweep(tmp_path_factory, empty_store):
 
     rerun = sweep_cli(root, *SWEEP)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    return root, interrupted
+    return root, interrupted, rerun
 
 
 @pytest.mark.slow
 def test_killed_sweep_resumes_its_child_without_lost_or_repeated_epochs(killed_sweep):
     from reglab.train import run
 
-    root, interrupted = killed_sweep
+    root, interrupted, _ = killed_sweep
     finished = children(root, "FINISHED")
     assert sorted(int(r.data.params["model.width"]) for r in finished) == [8, 64]  # one finished child per config
     assert len(children(root)) == 2
@@ -85,7 +87,7 @@ def test_killed_sweep_resumes_its_child_without_lost_or_repeated_epochs(killed_s
 
 @pytest.mark.slow
 def test_sweep_logs_one_parent_and_a_child_per_width_and_its_report(killed_sweep):
-    root, _ = killed_sweep
+    root, _, _ = killed_sweep
     c, exp = client(root)
     [parent] = c.search_runs([exp], "tags.`reglab.role` = 'parent'")
     assert parent.data.tags["study"] == "double_descent_mnist1d" and parent.info.status == "FINISHED"
@@ -105,7 +107,7 @@ def test_sweep_logs_one_parent_and_a_child_per_width_and_its_report(killed_sweep
 
 @pytest.mark.slow
 def test_the_same_sweep_again_reuses_the_parent_and_skips_every_child(killed_sweep):
-    root, _ = killed_sweep
+    root, _, _ = killed_sweep
     c, exp = client(root)
     parents, kids = c.search_runs([exp], "tags.`reglab.role` = 'parent'"), children(root)
     again = sweep_cli(root, *SWEEP)
@@ -114,6 +116,23 @@ def test_the_same_sweep_again_reuses_the_parent_and_skips_every_child(killed_swe
         [p.info.run_id for p in parents]
     assert sorted(r.info.run_id for r in children(root)) == sorted(r.info.run_id for r in kids)  # no new run
     assert all(steps(root, r) == list(range(EPOCHS)) for r in children(root))  # no new epoch
+
+
+@pytest.mark.slow
+def test_a_sweep_in_a_log_prints_a_line_per_member_and_the_studys_last_line(killed_sweep):
+    # Without a terminal (CI, nohup, SLURM): each finished member with its swept values, errors, time and [k/n]; the
+    # job's own metric line (test/acc=... of nobody knows which member) is gone.
+    root, _, rerun = killed_sweep
+    lines = rerun.stderr.splitlines()
+    members = [line for line in lines if line.endswith("/2]")]
+    time = r"(\d+h)?(\d+m)?\d+s"
+    assert len(members) == 2, rerun.stderr[-3000:]
+    assert re.fullmatch(rf"model\.width=64  test/err=0\.\d{{4}} train/err=0\.\d{{4}}  {time}  \[1/2\]", members[0])
+    assert re.fullmatch(rf"model\.width=8  test/err=0\.\d{{4}} train/err=0\.\d{{4}}  {time}  \[2/2\]", members[1])
+    [last] = [line for line in lines if line.startswith("sweep: ")]
+    assert re.fullmatch(rf"sweep: 2/2 members in {time} \| double_descent_mnist1d: .*peak_width=(64|8).* \| "
+                        rf"report: {re.escape(str(root / 'results' / 'double_descent_mnist1d'))}", last), last
+    assert "test/acc=" not in rerun.stdout + rerun.stderr
 
 
 def test_study_needs_mlflow(tmp_root):

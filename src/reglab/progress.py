@@ -181,7 +181,10 @@ def grid(config: Any) -> tuple[list[list[str]], list[str]] | None:
         jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
     except Exception:  # noqa: BLE001 (e.g. a glob over a config group needs Hydra's loader): members learnt as they come
         return None
-    return jobs, [o.get_key_element().lstrip("+~") for o in overrides if o.is_sweep_override()]
+    # Swept: keys with more than one value in the grid (a command line's seed=0 over a preset's seed sweep is not).
+    keys = list(dict.fromkeys(o.get_key_element().lstrip("+~") for o in overrides if o.is_sweep_override()))
+    varying = [k for k in keys if len({o for job in jobs for o in job if _key(o) == k}) > 1]
+    return jobs, varying or keys
 
 
 @dataclass
