@@ -112,6 +112,8 @@ def test_the_grid_is_the_one_hydra_expands_and_labels_name_the_swept_keys():
     assert len(members) == 6 and swept == ["model.width", "seed"]
     cfg.hydra.overrides.task = [*task, "model.width=8,16", "seed=0"]
     assert progress.grid(cfg)[1] == ["model.width"]  # one seed: not a swept key any more
+    cfg.hydra.overrides.task = [*task, "model=glob(*)"]
+    assert progress.grid(cfg) is None  # a glob needs Hydra's config loader: members are learnt as their jobs start
     cfg.hydra.overrides.task = [*task, "model.width=8,16", "seed=0,1,2"]
     assert all("data.label_noise=0.1" in m for m in members)
     sweep = Sweep(members, swept, 10, 0.0)

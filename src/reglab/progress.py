@@ -4,11 +4,12 @@ A multirun's jobs run in other processes (joblib's loky workers, SLURM), so they
 they are through a file: each job appends small JSON lines to `<hydra.sweep.dir>/progress.jsonl` (one `write` of
 one line with O_APPEND each, so lines of parallel jobs never interleave), and the launching process reads what was
 added every half second. A worker that is killed leaves at most a line without its newline, which is never read.
-Nothing listens anywhere; a sweep on another machine writes into the same sweep folder on a shared disk.
+Nothing listens anywhere. SLURM jobs on other nodes write into the sweep folder on the shared disk; NFS does not
+promise atomic appends from several nodes, and a line two writers garbled is skipped (the view then misses it).
 
 Events, each with the job's number `job` and time `t`:
   job     a job starts (cli.run_job): `members`, each member's overrides (a population job lists all of its members)
-  epoch   a job's fit reached epoch `epoch` of `of` (reglab.progress_bar.SweepReporter, at most one a second)
+  epoch   a job's fit reached epoch `epoch` of `of` (reglab.progress_bar.RunProgressBar, at most one a second)
   member  one member of a population finished (`members_done`): `member`, `status`, `metrics`
   end     a job ended (cli.run_job): the metrics of a one-member job, or the `error` that ended it
 
@@ -170,6 +171,7 @@ def grid(config: Any) -> tuple[list[list[str]], list[str]] | None:
     expands the same grid before it merges members into jobs); None for a sweeper that chooses as it goes."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
     target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
@@ -179,7 +181,7 @@ def grid(config: Any) -> tuple[list[list[str]], list[str]] | None:
     try:
         overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
         jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
-    except Exception:  # noqa: BLE001 (e.g. a glob over a config group needs Hydra's loader): members learnt as they come
+    except HydraException:  # a glob over a config group needs Hydra's loader: the members are learnt as they start
         return None
     # Swept: keys with more than one value in the grid (a command line's seed=0 over a preset's seed sweep is not).
     keys = list(dict.fromkeys(o.get_key_element().lstrip("+~") for o in overrides if o.is_sweep_override()))
