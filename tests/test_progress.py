@@ -143,3 +143,16 @@ def test_the_progress_bar_draws_in_a_single_run_and_reports_epochs_in_a_sweep_jo
     bar.on_train_epoch_end(trainer, None)  # the last epoch: always written
     events = [json.loads(line) for line in job.events.read_text().splitlines()]
     assert [(e["ev"], e["epoch"], e["of"]) for e in events] == [("epoch", 3, 5), ("epoch", 5, 5)]
+
+
+def test_on_a_terminal_a_sweep_jobs_prints_go_to_its_folder_and_it_still_counts_as_watched(tmp_path, monkeypatch):
+    import sys
+
+    job = Job(tmp_path / progress.EVENTS, 0, member(8, 0), tmp_path / "0")
+    monkeypatch.setattr(progress, "current_job", lambda: job)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    with progress.job_output():
+        print("MLflow: run ...")
+        print("a warning", file=sys.stderr)
+        assert sys.stdout.isatty()  # reglab.train keeps the progress bar (the epoch reports) for a watched sweep
+    assert (tmp_path / "0" / progress.OUTPUT).read_text() == "MLflow: run ...\na warning\n"
