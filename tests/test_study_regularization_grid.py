@@ -93,6 +93,7 @@ def small_grid(uri: str):
                 client.log_param(run, k, v)
             client.log_metric(run, "test/err", e)
             client.log_metric(run, "train/err", 0.0)
+            client.log_metric(run, "train_eval/err", 0.01 * seed)
             client.set_terminated(run)
     return client, parent
 
@@ -125,6 +126,7 @@ def test_grid_report_pairs_by_seed_and_ranks_techniques_inside_the_noise_as_ties
     assert grid.loc["dropout keep 0.5", "vs_none_distinct"] and math.isnan(grid.loc["none", "vs_none_mean"])
     assert grid.loc["none", "test_err_se"] == pytest.approx(np.std(SMALL_GRID["none"], ddof=1) / math.sqrt(3))
     assert list(grid["rank"]) == sorted(grid["rank"])
+    assert grid.loc["none", "train_eval_err_mean"] == pytest.approx(0.01)  # logged: summarized beside train/err
     assert "| 300 | 1 | dropout keep 0.5 | 3 |" in (tmp_path / "grid.md").read_text()
     assert "| 300 | dropout keep 0.5 | 3 |" in (tmp_path / "paired.md").read_text()
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,8 @@ parent run's artifacts,
 
 - grid.{csv,md}: per technique (and training-set size), `reglab.results.summarize` over seeds of the final test
   error (n, mean, SE, 95% t-interval; the CSV also the std, ddof=1), the train-test gap, final train error and the
-  fraction of exactly-zero weights (params/zero_frac); the paired difference from `none`; the rank; sorted by rank;
+  fraction of exactly-zero weights (params/zero_frac), the eval-mode train error (train_eval/err) where logged; the
+  paired difference from `none`; the rank; sorted by rank;
 - paired.{csv,md}: per technique (and training-set size), test error minus that of `none` on the same seed (same
   data, label noise and batch order; `reglab.results.paired`): n, mean, SE, 95% t-interval and `distinct` (the
   interval excludes 0). Pairing removes what a seed does to every technique alike, so it sees differences that two
@@ -113,6 +114,8 @@ def collect(client, parent, base_norm: str) -> pd.DataFrame:
         "run_id": df["run_id"],
         "test_err": df["test/err"], "train_err": df["train/err"],
         "zero_frac": df["params/zero_frac"] if "params/zero_frac" in df else np.nan,
+        # eval mode (dropout off) on the full, noisy training set, once after the last epoch, where logged
+        "train_eval_err": df["train_eval/err"] if "train_eval/err" in df else np.nan,
     })
     out["gap"] = out["test_err"] - out["train_err"]
     return out.sort_values(["train_size", "technique", "seed"]).reset_index(drop=True)
@@ -136,7 +139,9 @@ def grid_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.Dat
     and zero_frac (`results.summarize`), and the paired difference from BASELINE (`vs_none_*`). Sorted largest
     size first, then by rank and mean test error."""
     paired = paired_table(runs) if paired is None else paired
-    t = results.summarize(runs, ["train_size", "technique"], ["test_err", "train_err", "gap", "zero_frac"])
+    metrics = ["test_err", "train_err", "gap", "zero_frac"]
+    metrics += ["train_eval_err"] if "train_eval_err" in runs and runs["train_eval_err"].notna().any() else []
+    t = results.summarize(runs, ["train_size", "technique"], metrics)
     r = results.ranks(runs, "technique", "test_err", pair_on="seed", within=["train_size"])
     t = t.merge(r[["train_size", "technique", "rank"]], on=["train_size", "technique"], how="left")
     vs = paired.drop(columns=["n", "diff_std"]).rename(
@@ -151,7 +156,7 @@ def grid_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.Dat
 # grid.md: the columns a reader needs; grid.csv has them all
 MARKDOWN_COLUMNS = ["train_size", "rank", "technique", "n", "test_err_mean", "test_err_se", "test_err_ci_low",
                     "test_err_ci_high", f"vs_{BASELINE}_mean", f"vs_{BASELINE}_ci_low", f"vs_{BASELINE}_ci_high",
-                    f"vs_{BASELINE}_distinct", "train_err_mean", "gap_mean", "zero_frac_mean"]
+                    f"vs_{BASELINE}_distinct", "train_err_mean", "train_eval_err_mean", "gap_mean", "zero_frac_mean"]
 
 
 def rank_labels(t: pd.DataFrame) -> list[str]:
@@ -317,8 +322,9 @@ def report(client, parent, out: Path) -> None:
         f"differences; distinct = the interval excludes 0; paired.md). rank: 1 + the number of techniques whose "
         "paired difference from this one is distinctly negative (95% interval below 0), so techniques inside each "
         "other's noise share a rank. gap = test error − train error (train error: last epoch, training mode, noisy "
-        "labels); zero_frac: fraction of exactly-zero weights at the end. grid.csv has every column (std, "
-        "intervals of each metric).\n\n" + markdown_table(table[MARKDOWN_COLUMNS]))
+        "labels); train_eval_err (where logged): eval mode, dropout off, the full noisy training set after the last "
+        "epoch; zero_frac: fraction of exactly-zero weights at the end. grid.csv has every column (std, "
+        "intervals of each metric).\n\n" + markdown_table(table[[c for c in MARKDOWN_COLUMNS if c in table]]))
     paired.to_csv(out / "paired.csv", index=False)
     (out / "paired.md").write_text(
         f"# {study}: test error minus {BASELINE}'s, paired by seed\n\n{subtitle}\n\n"
