@@ -94,19 +94,24 @@ def test_paired_within_groups_and_a_difference_inside_the_noise_is_not_distinct(
     assert d[(d["size"] == 100) & (d["technique"] == "a")].iloc[0]["distinct"]
 
 
-def test_ranks_share_a_rank_inside_the_noise():
-    # x < y < z by 1 point per step, with seed noise: x-y and y-z inside the noise, x-z distinct.
+def test_ranks_share_a_rank_inside_the_noise_of_the_tie_groups_best():
+    # x < y < z < w by 1 point per step, with seed noise: x-y and y-z inside the noise, x-z and x-w distinct, z-w not.
     noise = {0: 0.0, 1: 0.012, 2: -0.012, 3: 0.006, 4: -0.006}
     rows = []
     for s, e in noise.items():
         rows += [{"t": "x", "seed": s, "err": 0.20 + e}, {"t": "y", "seed": s, "err": 0.21 - e},
-                 {"t": "z", "seed": s, "err": 0.22 + e}]
-    r = results.ranks(pd.DataFrame(rows), "t", "err").set_index("t")
-    assert r.loc["x", "rank"] == 1 and r.loc["y", "rank"] == 1 and r.loc["z", "rank"] == 2
-    assert r.loc["x", "better_than"] == 1 and r.loc["y", "better_than"] == 0
-    assert list(r.index) == ["x", "y", "z"]
-    up = results.ranks(pd.DataFrame(rows), "t", "err", lower_is_better=False).set_index("t")  # e.g. accuracy
-    assert up.loc["z", "rank"] == 1 and up.loc["x", "rank"] == 2
+                 {"t": "z", "seed": s, "err": 0.22 + e}, {"t": "w", "seed": s, "err": 0.225 + noise[(s + 2) % 5]}]
+    df = pd.DataFrame(rows).sample(frac=1, random_state=0)
+    d = results.paired(df, "t", "x", "err").set_index("t")
+    assert not d.loc["y", "distinct"] and d.loc["z", "distinct"] and d.loc["w", "distinct"]  # the premise
+    assert not results.paired(df, "t", "z", "err").set_index("t").loc["w", "distinct"]
+    r = results.ranks(df, "t", "err")
+    assert list(r["t"]) == ["x", "y", "z", "w"]  # best mean first
+    # y ties with x; z is distinct from x and opens rank 3 (competition ranking); w is inside z's noise
+    assert list(r["rank"]) == [1, 1, 3, 3] and list(r["tied_with"]) == ["x", "x", "z", "z"]
+    assert r["mean"].tolist() == pytest.approx([0.2, 0.21, 0.22, 0.225])
+    up = results.ranks(df, "t", "err", lower_is_better=False)  # e.g. accuracy: the highest is best
+    assert list(up["t"]) == ["w", "z", "y", "x"] and list(up["rank"]) == [1, 1, 1, 4]
 
 
 @pytest.mark.parametrize("call, column", [

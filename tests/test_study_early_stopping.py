@@ -142,7 +142,8 @@ def test_results_reads_the_study_store_one_row_per_child_with_its_params_and_met
     for seed in (0, 1):
         v = [k.data.metrics["test/err"] for k in kids if int(k.data.params["seed"]) == seed]
         assert s.loc[seed, "n"] == 4 and s.loc[seed, "test/err_se"] == pytest.approx(np.std(v, ddof=1) / 2)
-        assert s.loc[seed, "test/err_ci_low"] == pytest.approx(np.mean(v) - stats.t.ppf(0.975, 3) * np.std(v, ddof=1) / 2)
+        half = stats.t.ppf(0.975, 3) * np.std(v, ddof=1) / 2
+        assert s.loc[seed, "test/err_ci_low"] == pytest.approx(np.mean(v) - half)
     # paired on the real frame: theta* (the best checkpoint's test/err) minus the final weights', seed by seed, as
     # the report computed it
     df["arm"] = df["run_id"].map({k.info.run_id: _arm(k) for k in kids})

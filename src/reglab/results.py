@@ -18,12 +18,13 @@ per (run, step) with those metrics as columns, `epoch` = step + 1, and the param
 seeds). With n = 1 std, SE and the interval are NaN: one seed carries no spread, and nothing pretends it does.
 `paired` gives the same for the per-seed differences against a baseline group, and whether the interval excludes 0.
 
-`ranks` orders groups by their mean and gives tied ones one rank. The rule: rank(g) = 1 + the number of groups h
-that are *distinctly better* than g, i.e. whose paired difference metric(h) - metric(g) over the seeds they share has
-a 95% interval entirely below 0 (above 0 with `lower_is_better=False`). Groups whose differences from each other stay
-inside the noise therefore share a rank (a "competition ranking by distinct wins"), and a rank is never better than
-what the data distinguishes. The intervals are per pair, not corrected for the number of pairs: with k groups there
-are k(k-1)/2 of them, and at 95% some distinctions among many groups are chance.
+`ranks` orders groups by their mean and gives tied ones one rank. The rule: walk down the groups from the best mean.
+The first opens a tie group; each next group joins the open tie group if its paired difference from that tie group's
+first (best) member is not distinct (the 95% interval over the seeds they share holds 0), and otherwise opens a new
+tie group. A group's rank is the position of its tie group's first member (competition ranking: 1, 1, 3, ...), so
+rank 1 is "not distinguishable from the best", ranks follow the means, and a rank only changes where the data
+distinguish. The intervals are per pair, not corrected for the number of pairs compared: among many groups, some
+distinctions at 95% are chance.
 """
 
 from __future__ import annotations
@@ -181,9 +182,9 @@ def paired(df: pd.DataFrame, by: str, baseline, metric: str, pair_on: str = "see
 
 def ranks(df: pd.DataFrame, by: str, metric: str, pair_on: str = "seed", within: Sequence[str] = (),
           lower_is_better: bool = True, confidence: float = CONFIDENCE) -> pd.DataFrame:
-    """Per group of `by` (within each group of `within`): its `mean` of `metric`, `rank` (1 = best; tied groups
-    share a rank: 1 + the number of groups distinctly better, by paired differences over `pair_on`, see the module
-    docstring) and `better_than`: how many groups it is distinctly better than. Sorted by rank, then mean."""
+    """Per group of `by` (within each group of `within`), best mean first: its `mean` of `metric`, `rank` (1 = best;
+    groups inside the noise of their tie group's best member share its rank, by paired differences over `pair_on`;
+    the rule is in the module docstring) and `tied_with`: that best member."""
     within = list(within)
     _require(df, "ranks", [by, metric, pair_on, *within])
     sign = 1.0 if lower_is_better else -1.0
@@ -192,20 +193,15 @@ def ranks(df: pd.DataFrame, by: str, metric: str, pair_on: str = "seed", within:
     for key, part in groups:
         key = key if isinstance(key, tuple) else (key,)
         means = part.groupby(by, sort=True)[metric].mean()
-        beaten_by = dict.fromkeys(means.index, 0)  # g -> number of groups distinctly better than g
-        beats = dict.fromkeys(means.index, 0)
-        for g in means.index:
-            d = paired(part, by, g, metric, pair_on, confidence)  # every h vs g: metric(h) - metric(g)
-            for _, row in d.iterrows():
-                if row["distinct"] and sign * row["diff_mean"] < 0:  # h distinctly better than g
-                    beaten_by[g] += 1
-                    beats[row[by]] += 1
-        for g, mean in means.items():
-            out.append({**dict(zip(within, key)), by: g, "mean": mean, "rank": 1 + beaten_by[g],
-                        "better_than": beats[g]})
-    t = pd.DataFrame(out, columns=[*within, by, "mean", "rank", "better_than"])
-    t["_order"] = sign * t["mean"]
-    return t.sort_values([*within, "rank", "_order"]).drop(columns="_order").reset_index(drop=True)
+        order = sorted(means.index, key=lambda g: sign * means[g])
+        leader, rank, vs_leader = None, 0, None
+        for position, g in enumerate(order, start=1):
+            if leader is None or bool(vs_leader.loc[g, "distinct"]):
+                leader, rank = g, position
+                d = paired(part, by, leader, metric, pair_on, confidence)  # every other group minus the leader
+                vs_leader = d.set_index(by) if len(d) else pd.DataFrame({"distinct": []})
+            out.append({**dict(zip(within, key)), by: g, "mean": means[g], "rank": rank, "tied_with": leader})
+    return pd.DataFrame(out, columns=[*within, by, "mean", "rank", "tied_with"])
 
 
 def mean_se_text(mean: float, se: float, n: int, scale: float = 100.0, digits: int = 1, unit: str = "%") -> str:

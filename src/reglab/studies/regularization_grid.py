@@ -16,11 +16,13 @@ parent run's artifacts,
   line per technique, mean +- 1 SE band;
 - runs.csv: one row per child run, the numbers the tables are made of.
 
-Ranking with ties (`reglab.results.ranks`, within each training-set size): rank = 1 + the number of techniques
-*distinctly better*, i.e. whose paired per-seed difference in final test error from this technique has a 95%
-interval entirely below 0. Techniques whose differences from each other stay inside the noise share a rank (shown
-as "=k" in grid.png), so the order never claims more than the seeds measured. The intervals are per pair and not
-corrected for the many pairs a grid has: a lone distinction among many techniques may be chance.
+Ranking with ties (`reglab.results.ranks`, within each training-set size): walk down the techniques from the lowest
+mean test error; the first opens a tie group, each next one joins the open tie group when its paired per-seed
+difference from that group's best member has a 95% interval holding 0, and otherwise opens a new one. A technique's
+rank is its tie group's first position (1, 1, 3, ...; "=k" in grid.png when shared; the group's best is `tied_with`
+in grid.csv), so rank 1 = not distinguishable from the best, and the order never claims more than the seeds
+measured. The intervals are per pair and not corrected for the many pairs a grid has: a lone distinction may be
+chance.
 
 A technique is named from the run's logged config: the regularizers it has (`regularization.<name>.*` params) with
 their main setting, plus batch norm when the run's model.norm differs from the study's. Recipes
@@ -143,12 +145,12 @@ def grid_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.Dat
     metrics += ["train_eval_err"] if "train_eval_err" in runs and runs["train_eval_err"].notna().any() else []
     t = results.summarize(runs, ["train_size", "technique"], metrics)
     r = results.ranks(runs, "technique", "test_err", pair_on="seed", within=["train_size"])
-    t = t.merge(r[["train_size", "technique", "rank"]], on=["train_size", "technique"], how="left")
+    t = t.merge(r[["train_size", "technique", "rank", "tied_with"]], on=["train_size", "technique"], how="left")
     vs = paired.drop(columns=["n", "diff_std"]).rename(
         columns=lambda c: c.replace("diff_", f"vs_{BASELINE}_") if c.startswith("diff_") else
         (f"vs_{BASELINE}_distinct" if c == "distinct" else c))
     t = t.merge(vs, on=["train_size", "technique"], how="left")
-    first = ["train_size", "rank", "technique", "n"]
+    first = ["train_size", "rank", "technique", "n", "tied_with"]
     t = t[[*first, *(c for c in t.columns if c not in first)]]
     return t.sort_values(["train_size", "rank", "test_err_mean"], ascending=[False, True, True]).reset_index(drop=True)
 
@@ -204,7 +206,7 @@ def _figure_grid(table: pd.DataFrame, runs: pd.DataFrame, subtitle: str, out: Pa
         ax.set_xlim(0, top * 1.25)  # room for the value labels
         n = int(t["n"].max())
         ax.set_title(("" if size is None else f"{int(size)} training examples, ") + f"n = {n} seed(s) each; "
-                     "=k: rank shared (no distinct paired difference)", fontsize=9)
+                     "=k: rank shared (inside the noise of its tie group's best)", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
         if has_pairs:
             _panel_paired(row_axes[1], t, y)
@@ -319,12 +321,14 @@ def report(client, parent, out: Path) -> None:
         f"# {study}: final test error by technique, by rank (mean ± SE over {n} seeds)\n\n{subtitle}\n\n"
         "test_err: mean, standard error (sample std, ddof=1, / sqrt(n)) and 95% Student-t interval over seeds. "
         f"vs_{BASELINE}: test error minus {BASELINE}'s on the same seed (mean and 95% interval of the paired "
-        f"differences; distinct = the interval excludes 0; paired.md). rank: 1 + the number of techniques whose "
-        "paired difference from this one is distinctly negative (95% interval below 0), so techniques inside each "
-        "other's noise share a rank. gap = test error − train error (train error: last epoch, training mode, noisy "
-        "labels); train_eval_err (where logged): eval mode, dropout off, the full noisy training set after the last "
-        "epoch; zero_frac: fraction of exactly-zero weights at the end. grid.csv has every column (std, "
-        "intervals of each metric).\n\n" + markdown_table(table[[c for c in MARKDOWN_COLUMNS if c in table]]))
+        f"differences; distinct = the interval excludes 0; paired.md). rank: from the lowest mean down, a technique "
+        "shares the rank of the tie group's best member (tied_with) while its paired difference from that member has "
+        "a 95% interval holding 0, and opens a new rank (its position) when it does not; rank 1 = not "
+        "distinguishable from the best. Intervals per pair, not corrected for the number of pairs. gap = test "
+        "error − train error (train error: last epoch, training mode, noisy labels); train_eval_err (where "
+        "logged): eval mode, dropout off, the full noisy training set after the last epoch; zero_frac: fraction "
+        "of exactly-zero weights at the end. grid.csv has every column (std, intervals of each metric).\n\n"
+        + markdown_table(table[[c for c in MARKDOWN_COLUMNS if c in table]]))
     paired.to_csv(out / "paired.csv", index=False)
     (out / "paired.md").write_text(
         f"# {study}: test error minus {BASELINE}'s, paired by seed\n\n{subtitle}\n\n"
