@@ -7,11 +7,12 @@ From a notebook or a Python prompt (the default store of a checkout; `tracking_u
     >>> results.summarize(runs, by="model.width", metrics=["test/err"])
     >>> curves = results.load("double_descent", history=["test/err", "train/err"])   # one row per (run, step)
     >>> results.paired(runs, "model.width", baseline=16, metric="test/err")  # same seed = same data, per width
-    >>> results.ranks(runs, "model.width", "test/err")              # 1 + groups distinctly better; ties share
+    >>> results.ranks(runs, "model.width", "test/err")              # best first; groups inside the noise tie
 
 Columns of `runs(...)`/`load(...)`: `run_id`, `run_name`, `status`, every param under its config key (`model.width`,
 `seed`; numbers parsed, "None" -> NaN), every final metric under its MLflow key (`test/err`). With `history=`, one row
-per (run, step) with those metrics as columns, `epoch` = step + 1, and the params repeated.
+per (run, step) with those metrics as columns, `epoch` = step + 1, and the params repeated (a run's final
+trainer.test is logged one step past its last epoch: that row has only the test metrics).
 
 `summarize` gives, per group, n and for each metric its mean, sample standard deviation (ddof=1), standard error
 (std / sqrt(n)) and a 95% confidence interval (mean +- t_{0.975, n-1} * SE; Student's t because n is a handful of
