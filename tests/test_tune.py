@@ -56,7 +56,7 @@ def key_of(run) -> tuple[float, float]:
     return float(p["regularization.l2.strength"]), float(p["regularization.dropout.keep_prob"])
 
 
-def preset_sweeper():
+def preset():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -67,7 +67,7 @@ def preset_sweeper():
 def preset_space():
     from reglab.studies.tune import search_space
 
-    return search_space([f"{k}={v}" for k, v in preset_sweeper().hydra.sweeper.params.items()])[0]
+    return search_space([f"{k}={v}" for k, v in preset().hydra.sweeper.params.items()])[0]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def study(tmp_path_factory, empty_store):
 def test_preset_sweeps_with_optuna_over_log_strength_and_keep_probability():
     import optuna.distributions as D
 
-    cfg = preset_sweeper()
+    cfg = preset()
     assert cfg.hydra.sweeper._target_ == "hydra_plugins.reglab_optuna.optuna_sweeper.OptunaSweeper"
     from hydra_plugins.reglab_optuna.optuna_sweeper import OptunaSweeper  # noqa: F401  (the plugin is importable)
 
@@ -155,3 +155,35 @@ def test_trials_a_killed_sweep_left_running_are_resumed_under_their_own_numbers(
     assert [key_of(r) for r in new] == [(planted[1].params["regularization.l2.strength"],
                                          planted[1].params["regularization.dropout.keep_prob"])]
     assert ts[3].value == pytest.approx(new[0].data.metrics["val/loss"])
+
+
+def test_a_key_the_config_lacks_fails_in_one_line_before_optuna_stores_anything(tmp_path, empty_store, monkeypatch,
+                                                                                capsys):
+    import optuna
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = with_store(tmp_path, empty_store)
+    with pytest.raises(SystemExit) as exit_:  # regularization=[l2,dropout]: no l1 node
+        sweep(root, "regularization.l1.strength=interval(1e-6,1e-3)", monkeypatch=monkeypatch)
+    assert exit_.value.code == 2
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: regularization.l1.strength: the config has no key 'regularization.l1'")
+    db = root / "mlruns" / "optuna.db"
+    assert not db.exists() or optuna.get_all_study_names(f"sqlite:///{db}") == []
+
+
+def test_sweeper_settings_are_checked_and_auto_jobs_follow_the_launcher():
+    from omegaconf import OmegaConf
+
+    from reglab.errors import ConfigError
+    from reglab.studies.tune import evaluation_seeds, jobs_at_once, probe
+
+    cfg = OmegaConf.create({"seed": 0, "hydra": {"launcher": {"n_jobs": 3}}})
+    assert jobs_at_once(cfg, "auto") == 3 and jobs_at_once(cfg, 5) == 5
+    assert jobs_at_once(OmegaConf.create({"hydra": {"launcher": {}}}), "auto") == 1  # the basic launcher
+    with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.n_jobs=0"):
+        jobs_at_once(cfg, 0)
+    assert evaluation_seeds(cfg, OmegaConf.create({"seeds": [1, 2]})) == [1, 2]
+    with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.evaluate\.seeds=\[0, 1\] contains the tuning seed 0"):
+        evaluation_seeds(cfg, OmegaConf.create({"seeds": [0, 1]}))
+    assert probe(preset_space()) == {"regularization.l2.strength": 1e-6, "regularization.dropout.keep_prob": 0.2}

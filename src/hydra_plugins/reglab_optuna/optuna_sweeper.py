@@ -74,15 +74,23 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
 
+        # A key the config lacks fails here, before Optuna stores a study or hands out a trial.
+        self.validate_batch_is_legal([[*fixed, *tune.overrides(tune.probe(space))]])
         study = optuna.create_study(storage=storage, study_name=name, sampler=self.sampler,
                                     direction=self.direction, load_if_exists=True)
         S = optuna.trial.TrialState
-        resumed = list(study.get_trials(deepcopy=False, states=(S.RUNNING,)))
+        resumed = []
+        for t in study.get_trials(deepcopy=False, states=(S.RUNNING,)):
+            if set(t.params) == set(space):
+                resumed.append(t)
+            else:  # started under another search space: not a configuration of this one
+                log.warning("trial %d has keys %s, the search space %s: marked failed", t.number, sorted(t.params),
+                            sorted(space))
+                study.tell(t.number, state=S.FAIL)
         ended = len(study.get_trials(deepcopy=False, states=(S.COMPLETE, S.FAIL, S.PRUNED)))
         new = max(0, self.n_trials - ended - len(resumed))
         log.info("Optuna study %s in %s: %d trial(s) ended, %d to resume, %d new; %d at a time", name, storage,
                  ended, len(resumed), new, n_jobs)
-        first = True
         results = []
         while resumed or new:
             batch = []  # (trial number, params)
@@ -94,9 +102,6 @@ class OptunaSweeper(Sweeper):
                 batch.append((t.number, t.params))
                 new -= 1
             jobs = [[*fixed, *tune.overrides(params)] for _, params in batch]
-            if first:
-                self.validate_batch_is_legal(jobs)  # a key the config lacks fails before any training
-                first = False
             returns = self._launch(jobs)
             results.append(returns)
             bug = None
@@ -120,7 +125,7 @@ class OptunaSweeper(Sweeper):
                 return results
             best = study.best_trial
             log.info("best trial %d (%s = %.4g): %s; evaluated with seeds %s against the preset's values",
-                     best.number, "objective", best.value, best.params, seeds)
+                     best.number, "value", best.value, best.params, seeds)
             keep = [a for a in fixed if tune.override_key(a) != "seed"]
             jobs = [[*keep, *tune.overrides(best.params), f"seed={s}"] for s in seeds]
             jobs += [[*keep, f"seed={s}"] for s in seeds]

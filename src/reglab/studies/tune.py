@@ -82,6 +82,12 @@ def search_space(arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
     return space, fixed
 
 
+def probe(space: dict[str, Any]) -> dict[str, Any]:
+    """One point of the search space (each range's low end, each list's first value): a configuration to compose
+    before the search starts."""
+    return {k: d.choices[0] if hasattr(d, "choices") else d.low for k, d in space.items()}
+
+
 def overrides(params: dict[str, Any]) -> list[str]:
     # repr keeps every digit of a float: the same trial resumed is the same configuration (one run identity)
     return [f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()]
@@ -124,8 +130,9 @@ def jobs_at_once(cfg: DictConfig, n_jobs: Any) -> int:
     """hydra.sweeper.n_jobs: trials launched together; auto = the launcher's n_jobs (joblib; -1: every core), 1 for
     a launcher without one."""
     if n_jobs in (None, "auto"):
-        n_jobs = OmegaConf.select(cfg, "hydra.launcher.n_jobs", default=1)
-        n_jobs = os.cpu_count() or 1 if n_jobs == -1 else n_jobs
+        n_jobs = OmegaConf.select(cfg, "hydra.launcher.n_jobs", default=None) or 1
+        if isinstance(n_jobs, int) and n_jobs < 0:  # joblib: -1 = every core, -2 = all but one, ...
+            n_jobs = max(1, (os.cpu_count() or 1) + 1 + n_jobs)
     if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs < 1:
         raise ConfigError(f"hydra.sweeper.n_jobs={n_jobs!r}: expected auto or an integer >= 1")
     return n_jobs
