@@ -158,17 +158,19 @@ def test_weight_decay_equals_l2_of_half_strength_with_sgd_but_not_with_adam():
     assert not torch.allclose(a[0].weight, b[0].weight, atol=1e-3)
 
 
-def test_max_norm_projects_each_unit_onto_the_ball():
+def test_max_norm_projects_each_hidden_unit_onto_the_ball():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4, 6))
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     with torch.no_grad():
         net[2].weight[:3] *= 10  # three rows outside the ball
-        net[0].weight[0] *= 50
+        net[0].weight[0] *= 50  # one output channel of the kernel
+        net[4].weight *= 10  # the output layer: not a hidden unit, left alone
     before = copy.deepcopy(net)
-    MaxNorm(max_norm=1.0).after_step(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    reg = MaxNorm(max_norm=1.0)
+    reg.after_step(net, torch.optim.SGD(net.parameters(), lr=0.1))
     for p, q in zip(net.parameters(), before.parameters()):
-        if p.dim() < 2:
-            assert torch.equal(p, q)  # biases untouched
+        if p.dim() < 2 or p is net[4].weight:
+            assert torch.equal(p, q)  # biases and the output layer untouched
             continue
         norms, old = p.flatten(1).norm(dim=1), q.flatten(1).norm(dim=1)
         assert (norms <= 1.0 + 1e-6).all()
@@ -177,6 +179,35 @@ def test_max_norm_projects_each_unit_onto_the_ball():
         torch.testing.assert_close(norms[~inside], torch.ones_like(norms[~inside]))  # projected onto the sphere
         cos = nn.functional.cosine_similarity(p.flatten(1)[~inside], q.flatten(1)[~inside])
         torch.testing.assert_close(cos, torch.ones_like(cos))  # same direction
+    assert (net[4].weight.norm(dim=1) > 1.0).all()
+    clipped = sum(int((q.flatten(1).norm(dim=1) > 1.0).sum()) for q in (before[0].weight, before[2].weight))
+    assert reg.epoch_metrics()["clipped_frac"].item() == pytest.approx(clipped / (4 + 6))  # hidden rows only
+    assert reg.epoch_metrics() == {}  # reset: nothing measured since
+
+
+def test_max_norm_binds_in_training_on_hidden_units_only():
+    """An MLP trained with a large learning rate: after every step each hidden unit's incoming weights have norm
+    <= c, rows were clipped (clipped_frac > 0), and the head, whose rows grow past c, is never projected."""
+    from reglab.models import MLP
+
+    torch.manual_seed(0)
+    net = MLP((10,), 3, width=16, depth=2)
+    reg = MaxNorm(max_norm=0.7)
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    fractions = []
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        head = net.head.weight.detach().clone()
+        reg.after_step(net, opt)
+        assert torch.equal(net.head.weight, head)  # the output layer is not constrained
+        for layer in net.hidden:
+            assert (layer.linear.weight.norm(dim=1) <= 0.7 * (1 + 1e-6)).all()
+        fractions.append(reg.epoch_metrics()["clipped_frac"].item())
+    assert max(fractions) > 0.5 and fractions[-1] > 0  # it binds, and keeps binding
+    assert (net.head.weight.norm(dim=1) > 0.7).any()
 
 
 def test_weight_stats():
@@ -195,3 +226,15 @@ def test_weight_stats():
 def test_bad_strengths_are_config_errors(make):
     with pytest.raises(ConfigError):
         make()
+
+
+def test_max_norm_logs_its_clipped_fraction_through_a_run(tmp_root):
+    """train/max_norm/clipped_frac reaches the run's metrics (regularizers' epoch_metrics, once per epoch); at the
+    catalogue's c it binds within 2 epochs of a width-64 MLP at lr 0.01."""
+    from conftest import compose, quick
+
+    from reglab.train import run
+
+    metrics = run(compose(quick(tmp_root, "regularization=[max_norm]", "model.width=64", "optim.lr=0.01",
+                                "callbacks.early_stopping=null", "callbacks.checkpoint=null")))
+    assert 0 < metrics["train/max_norm/clipped_frac"] <= 1, metrics

@@ -43,7 +43,8 @@ def solo_and_population(root: Path, base: list[str], members: list[list[str]]):
 
 def assert_members_match(solo, pop, solo_w, pop_w, rtol=1e-5):
     for s, p, sw, pw in zip(solo, pop, solo_w, pop_w):
-        for key in ("train/loss", "val/loss", "test/loss", "test/err", "params/l2"):
+        for key in ("train/loss", "val/loss", "test/loss", "test/err", "params/l2", "train_eval/loss",
+                    "train_eval/err"):
             assert p[key] == pytest.approx(s[key], rel=rtol, abs=1e-6), key
         assert sw.keys() == pw.keys()
         for k in sw:

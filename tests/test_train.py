@@ -165,3 +165,40 @@ def test_importing_reglab_train_changes_no_process_wide_setting():
         before, after = changed.pop("levels")
         assert {k: v for k, v in after.items() if before.get(k, 0) != v} == {}
     assert changed == {}
+
+
+def test_train_eval_is_logged_at_the_last_epoch_and_heavy_dropout_makes_train_err_higher(tmp_root, mlflow_uri):
+    """train_eval/{err,loss}: the final weights in evaluation mode on the whole training split. With dropout keeping
+    25% of the units, training-mode train/err (masks on, weights still moving) is far above it."""
+    metrics = run(compose(quick(tmp_root, "logger=mlflow", f"logger.tracking_uri={mlflow_uri}",
+                                "logger.experiment=train-eval", "model.width=128", "regularization=[dropout]",
+                                "regularization.dropout.keep_prob=0.25", "trainer.max_epochs=3",
+                                "callbacks.checkpoint=null", "callbacks.early_stopping=null")))
+    client = mlflow.MlflowClient(mlflow_uri)
+    (r,) = client.search_runs([client.get_experiment_by_name("train-eval").experiment_id])
+    for key in ("train_eval/err", "train_eval/loss"):
+        (point,) = client.get_metric_history(r.info.run_id, key)
+        assert point.step == 2 and point.value == pytest.approx(metrics[key])  # step = the last epoch's index
+    assert metrics["train_eval/err"] < metrics["train/err"] - 0.05, metrics
+    assert metrics["train_eval/loss"] < metrics["train/loss"]
+
+
+def test_train_eval_scores_the_labels_trained_on_in_eval_mode():
+    """evaluate_training_set reads dm.train_y (noisy labels where label noise is on), not the clean ones, with
+    dropout off: a second call gives the same numbers."""
+    import torch.nn.functional as F
+
+    from reglab.train import build_data, build_module, evaluate_training_set
+
+    cfg = compose(["data.label_noise=0.4", "data.train_size=300", "model.width=16", "regularization=[dropout]"])
+    dm = build_data(cfg)
+    dm.setup()
+    net = build_module(cfg, dm).net.train()
+    got = evaluate_training_set(net, dm)
+    assert net.training  # left as it was
+    assert torch.equal(evaluate_training_set(net, dm)["train_eval/loss"], got["train_eval/loss"])  # no dropout
+    logits = net.eval()(dm.normalize(dm.train_x))
+    for labels, same in ((dm.train_y, True), (dm.clean_train_y, False)):
+        err = (logits.argmax(1) != labels).float().mean()
+        assert (abs(got["train_eval/err"] - err) < 1e-6) == same
+    torch.testing.assert_close(got["train_eval/loss"], F.cross_entropy(logits, dm.train_y), rtol=1e-5, atol=1e-6)

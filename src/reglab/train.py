@@ -1,8 +1,9 @@
 """run(cfg) -> metrics: one training run, in the order it happens.
 
 look up (done / resume / new: reglab/runs/) -> data -> model, regularizers, Classifier -> logger -> callbacks ->
-Trainer -> fit -> test -> what follows early stopping. scripts/train.py calls the config's `runner` (this `run`
-unless a study preset names another); tests call `run` with composed configs.
+Trainer -> fit -> the training split in evaluation mode (`train_eval/{loss,err}` at the last epoch) -> test -> what
+follows early stopping. scripts/train.py calls the config's `runner` (this `run` unless a study preset names
+another); tests call `run` with composed configs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
@@ -84,12 +86,53 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
 
 
 def build_trainer(cfg: DictConfig, run: Run, logger: RunLogger | None) -> L.Trainer:
-    callbacks = build_callbacks(cfg, run.ckpt_dir)
+    callbacks = build_callbacks(cfg, run.ckpt_dir) + [RegularizerMetrics()]
     # Without a checkpoint callback (callbacks.checkpoint=null) Lightning would add its own, writing every epoch.
     saves = {"enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks)} \
         if cfg.trainer.get("enable_checkpointing") is None else {}
     return instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks, default_root_dir=str(run.ckpt_dir),
                        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks), **saves)
+
+
+class RegularizerMetrics(L.Callback):
+    """Each regularizer's `epoch_metrics()` as `train/<name>/<key>` (max-norm's clipped_frac), once per training
+    epoch. Lightning calls it before the Classifier's on_train_epoch_end hands the epoch's metrics to the loggers, so
+    they reach the store in the same batch, before the epoch's checkpoint."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        measured = {f"train/{name}/{key}": value for name, reg in getattr(module, "regularizers", {}).items()
+                    for key, value in reg.epoch_metrics().items()}
+        if not measured:
+            return
+        values = dict(zip(measured, torch.stack([v.float() for v in measured.values()]).tolist()))  # one sync
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.current_epoch)
+
+
+@torch.no_grad()
+def evaluate_training_set(net: torch.nn.Module, dm) -> dict[str, torch.Tensor]:
+    """`train_eval/loss` and `train_eval/err`: the net in evaluation mode (dropout off, running statistics) on the
+    whole training split with the labels it was trained on (noisy where label noise is on), no augmentation, one
+    pass in eval batches. A population's data module stacks its members' splits, x (M, N, ...), y (M, N), and the
+    fused net returns (M, B, classes): then each value is (M,), one per member."""
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    x_all, y_all = dm.train_x, dm.train_y
+    stacked = y_all.dim() == 2
+    loss = correct = torch.zeros(y_all.shape[0] if stacked else (), device=device)
+    n = y_all.shape[-1]
+    for i in range(0, n, dm.eval_batch_size):
+        j = min(i + dm.eval_batch_size, n)
+        x = dm.normalize((x_all[:, i:j] if stacked else x_all[i:j]).to(device))
+        y = y_all[..., i:j].to(device)
+        logits = net(x)
+        # (M, B, C) -> classes on dim 1 for cross_entropy: (M, C, B) against (M, B)
+        loss = loss + F.cross_entropy(logits.transpose(1, 2) if stacked else logits, y, reduction="none").sum(-1)
+        correct = correct + (logits.argmax(-1) == y).sum(-1)
+    net.train(was_training)
+    return {"train_eval/loss": loss / n, "train_eval/err": 1.0 - correct.float() / n}
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -121,6 +164,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
             logger.fail(f"divergence: {e}")
             logger.finalize("failed")
         raise
+    # The weights fit ended with, in evaluation mode, on the labels they were trained on: train/err is measured in
+    # training mode (dropout on, batch statistics) while the weights still move, and interpolation is about this one.
+    train_eval = {k: float(v) for k, v in evaluate_training_set(module.net, dm).items()}
+    if logger is not None:
+        logger.log_metrics(train_eval, step=trainer.current_epoch - 1)  # the last epoch trained
     # With early stopping the model to report is the best checkpoint (the lecture's theta*); otherwise the final
     # weights, which is what epoch-wise studies such as double descent measure.
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
@@ -129,6 +177,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer.test(module, datamodule=dm, ckpt_path="best" if use_best else None, verbose=False, weights_only=True)
     metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}}
     metrics["model/params"] = float(module.num_params)
+    metrics.update(train_eval)
     after = early_stopping.after_stop(cfg, trainer, module, dm, lambda: build_module(cfg, dm))
     if logger is not None and after:
         logger.log_after_end(after)

@@ -5,8 +5,9 @@ child run, params, per-epoch metrics and final test metrics: a study's report ca
 is train.run's, per member where a member has its own:
 
 look up every member (done ones drop out) -> per member: seed, data, model -> fuse -> one Classifier over the
-population -> one RunLogger per member -> Trainer (a checkpoint of the whole population) -> fit -> test -> each
-member's weights into its own checkpoint folder.
+population -> one RunLogger per member -> Trainer (a checkpoint of the whole population) -> fit -> each member's
+training split in evaluation mode (train_eval/{loss,err}) -> test -> each member's weights into its own checkpoint
+folder.
 
 Resume: the population's `last.ckpt` lives in a folder named by the members' identities; a rerun continues it when
 every unfinished member's run reaches its epoch (reglab/runs/lookup.py's rule), else all of them start over.
@@ -122,6 +123,12 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
             lg.fail(f"divergence: {e}")
             lg.finalize("failed")
         raise
+    # Each member's eval-mode loss and error on its own training split and labels, as train.run logs them.
+    stacked = train.evaluate_training_set(module.net, data)
+    train_eval = [dict(zip(stacked, column)) for column in zip(*torch.stack(list(stacked.values())).tolist())]
+    for m, lg in enumerate(loggers):
+        if m not in module.failed:
+            lg.log_metrics(train_eval[m], step=trainer.current_epoch - 1)  # the last epoch trained
     trainer.test(module, datamodule=data, verbose=False, weights_only=True)
     for m, reason in module.failed.items():
         if loggers:
@@ -134,5 +141,6 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
         torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
                     "epoch": trainer.current_epoch - 1, "global_step": trainer.global_step},
                    r.ckpt_dir / "last.ckpt")
-        out.append({**module.member_metrics[m], "model/params": float(sum(p.numel() for p in net.parameters()))})
+        out.append({**module.member_metrics[m], **train_eval[m],
+                    "model/params": float(sum(p.numel() for p in net.parameters()))})
     return out

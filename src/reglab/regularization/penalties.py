@@ -146,20 +146,56 @@ class ElasticNet(Regularizer):
         return self.l1_strength * _l1(params) + self.l2_strength * _sq_l2(params)
 
 
-class MaxNorm(Regularizer):
-    """Max-norm constraint (Srivastava et al. 2014, "Dropout", sec. 5.1; c = 3..4 with dropout): after each
-    optimizer step, each unit's incoming weight vector is projected onto the ball ||w||_2 <= c. A unit is a row of
-    a Linear weight (out, in) or an output channel of a conv kernel (out, in, kh, kw). Biases have no incoming
-    vector and are never constrained."""
+def output_layer(net: nn.Module) -> nn.Module | None:
+    """The layer that computes the outputs: `net.head` in reglab's models, else the last module that holds a weight
+    matrix or kernel of its own."""
+    head = getattr(net, "head", None)
+    if isinstance(head, nn.Module):
+        return head
+    last = None
+    for module in net.modules():
+        if any(is_matrix(p, net) for p in module.parameters(recurse=False)):
+            last = module
+    return last
 
-    def __init__(self, max_norm: float = 3.0):
+
+def hidden_unit_weights(net: nn.Module) -> list[nn.Parameter]:
+    """Each hidden unit's incoming weights: the penalized tensors (rows of a Linear weight (out, in), output
+    channels of a kernel (out, in, kh, kw)) except the output layer's."""
+    out = output_layer(net)
+    skip = {id(p) for p in out.parameters()} if out is not None else set()
+    return [p for p in penalized_parameters(net) if id(p) not in skip]
+
+
+class MaxNorm(Regularizer):
+    """Max-norm constraint (Srivastava et al. 2014, "Dropout", sec. 5.1: "constrain the norm of the incoming weight
+    vector at each hidden unit"): after each optimizer step, each hidden unit's incoming weight vector is projected
+    onto the ball ||w||_2 <= c. A unit is a row of a hidden Linear weight (out, in) or an output channel of a conv
+    kernel (out, in, kh, kw); the output layer (the head) is not constrained, nor are biases. `epoch_metrics`:
+    `clipped_frac`, the fraction of hidden rows that were outside the ball and projected, averaged over the epoch's
+    steps (logged as train/<name>/clipped_frac): 0 means the constraint never bound."""
+
+    def __init__(self, max_norm: float = 0.6):  # the catalogue's c: conf/regularization/max_norm.yaml says why
         if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
             raise ConfigError(f"max_norm={max_norm!r} must be a number > 0")
         self.max_norm = float(max_norm)
+        self._clipped: torch.Tensor | None = None  # rows projected, summed over the steps since epoch_metrics
+        self._rows = 0  # rows seen in those steps
 
     @torch.no_grad()
     def after_step(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        for p in penalized_parameters(net):
+        for p in hidden_unit_weights(net):
             norms = p.flatten(1).norm(dim=1)  # (out,)
-            scale = (self.max_norm / norms).clamp(max=1.0)  # 1 inside the ball; c/0 = inf -> 1
+            over = norms > self.max_norm
+            scale = torch.where(over, self.max_norm / norms, torch.ones_like(norms))
             p.mul_(scale.view(-1, *([1] * (p.dim() - 1))))
+            clipped = over.sum()
+            self._clipped = clipped if self._clipped is None else self._clipped + clipped
+            self._rows += len(norms)
+
+    def epoch_metrics(self) -> dict[str, torch.Tensor]:
+        if not self._rows:
+            return {}
+        frac = self._clipped.float() / self._rows
+        self._clipped, self._rows = None, 0
+        return {"clipped_frac": frac}
