@@ -94,6 +94,11 @@ class Classifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights evaluation uses: the average (ema, swa) once it holds a step, else the net."""
+        return self.averaged if self.averaged is not None and self._evaluate_average else self.net
+
     def check_checkpoint(self, path: str) -> None:
         """Before resuming from `path`: a checkpoint of another model (other width, depth or norm, or written by an
         older reglab) would fail deep inside load_state_dict with a many-line error; name the file and what differs."""
@@ -203,7 +208,7 @@ class Classifier(L.LightningModule):
         training = stage == "train"
         if training and self.mixers:  # y (B,) -> soft targets (B, C)
             x, y = self.mixers[0].mix(x, y)
-        logits = (self.averaged if self._evaluate_average and not training else self.net)(x)
+        logits = (self.net if training else self.evaluated)(x)
         eps = self.label_smoothing if training else 0.0  # val/test losses stay plain cross-entropy
         if self.members is None:  # (B, C)
             loss = F.cross_entropy(logits, y, label_smoothing=eps)
