@@ -39,9 +39,11 @@ def _healthy(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, workdir: Path, command: str = "server", timeout: float = 90) -> Iterator[str]:
-    """Yields the server's http://127.0.0.1:<port>; artifacts it serves go to workdir/mlartifacts."""
-    port = free_port()
+def mlflow_server(backend_uri: str, workdir: Path, command: str = "server", timeout: float = 90,
+                  port: int | None = None) -> Iterator[str]:
+    """Yields the server's http://127.0.0.1:<port> (a free port unless given: a restarted server keeps its
+    address); artifacts it serves go to workdir/mlartifacts."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     args = [str(Path(sys.executable).with_name("mlflow")), command, "--backend-store-uri", backend_uri,
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]

@@ -28,12 +28,12 @@ def start(*args: str, cwd: Path, **extra_env: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def logged_epoch(root: Path) -> int:
+def logged_epoch(root: Path, db: Path | None = None) -> int:
     """The highest `reglab.logged_epoch` tag in the store under `root` (-1: none yet): the epoch a run's history is
     complete through, as resuming reads it (reglab/runs/lookup.py). Read with sqlite3, cheap enough to poll every few
     milliseconds without taking a core from the run being watched. (Not the metrics themselves: MLflow commits a
     batch's metrics before its tags, and a kill between the two leaves a history that may not be resumed.)"""
-    db = root / "mlruns" / "mlflow.db"
+    db = db or root / "mlruns" / "mlflow.db"
     if not db.exists():
         return -1
     try:

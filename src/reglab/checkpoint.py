@@ -17,6 +17,11 @@ epochs after it are recomputed exactly). A hard link, unlike Lightning's `save_l
 recent top-k file, an older epoch when this one did not improve), leaves two independent names for one file:
 Lightning replaces a checkpoint by writing a temporary file and renaming it, and drops the old best by unlinking
 its name, neither of which touches the other name's data.
+
+Every checkpoint write is atomic on the checkpoint's own file system (`AtomicCheckpointIO`, installed by this
+callback): Lightning's `_atomic_save` stages the file in the system temporary folder and moves it into place, which
+across file systems is a copy, so a full checkpoint disk left a zero-byte `best-N.ckpt` and an error naming a file
+in /tmp (seen with a full 2 MiB tmpfs, tests/test_cluster_faults.py).
 """
 
 from __future__ import annotations
@@ -25,15 +30,74 @@ import os
 import time
 from pathlib import Path
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from reglab import preemption
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save into `<path>.<pid>.tmp` beside the target, fsync, then rename: a reader (a resume) sees the old
+    file or the new one, never part of one. A failed write (a full disk) removes the temporary file and raises the
+    OSError with the checkpoint's own path, which `reglab.cli.one_line` turns into one line."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        import torch
+
+        path = Path(path)
+        if "://" in str(path) or storage_options is not None:  # remote storage: Lightning's own way
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 class Checkpoint(ModelCheckpoint):
-    def __init__(self, *args, last_every_s: float | None = None, **kwargs):
+    def __init__(self, *args, last_every_s: float | None = None, stop_within_s: float | None = 20.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.last_every_s = float(last_every_s or 0.0)
+        self.stop_within_s = float(20.0 if stop_within_s is None else stop_within_s)  # after SIGTERM (preemption.py)
         self._last_written_at = float("-inf")  # time.monotonic() of the last write of last.ckpt
         self._last_step = -1  # global step that last.ckpt holds
+        self._epoch_started_at = time.monotonic()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        # Lightning registered its SIGTERM handler for this fit, which stops mid-epoch; take it back (its teardown
+        # restores the handler that was there before the fit, also ours).
+        preemption.install()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_started_at = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not preemption.requested():
+            return
+        # Finish the epoch (an exact point to continue from) only if it ends inside the grace period.
+        total = trainer.num_training_batches
+        done = (batch_idx + 1) / total if total and total != float("inf") else 1.0
+        left = (time.monotonic() - self._epoch_started_at) * (1 / done - 1)
+        if preemption.seconds_since() + 2 * left > self.stop_within_s:
+            raise preemption.Preempted(
+                f"stopped by SIGTERM in epoch {trainer.current_epoch} (it would not end within stop_within_s="
+                f"{self.stop_within_s:g} s); {self._resume_point()}")
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default; keep a user's own
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def _due(self, trainer) -> bool:
         return self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
@@ -46,10 +110,24 @@ class Checkpoint(ModelCheckpoint):
         if self._due(trainer):
             self._save_topk_checkpoint(trainer, monitor_candidates)
         if not self.save_last:
+            if preemption.requested():
+                raise preemption.Preempted(f"stopped by SIGTERM after epoch {trainer.current_epoch} "
+                                           "(callbacks.checkpoint.save_last=false: no checkpoint to continue from)")
             return
         linked = self._last_global_step_saved == trainer.global_step and self._link_last(trainer, monitor_candidates)
-        if not linked and self._due(trainer) and time.monotonic() - self._last_written_at >= self.last_every_s:
+        stopping = preemption.requested()
+        if not linked and (stopping or self._due(trainer) and
+                           time.monotonic() - self._last_written_at >= self.last_every_s):
             self._save_last_checkpoint(trainer, monitor_candidates)
+        if stopping:
+            raise preemption.Preempted(f"stopped by SIGTERM after epoch {trainer.current_epoch}; "
+                                       f"{self._resume_point()}")
+
+    def _resume_point(self) -> str:
+        last = Path(self.last_model_path or Path(self.dirpath or ".") / f"{self.CHECKPOINT_NAME_LAST}.ckpt")
+        if not last.is_file():
+            return "no checkpoint was written yet: the rerun starts it afresh"
+        return f"rerun the same command to continue from {last}"
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if self._defer_save_until_validation:  # a step- or time-triggered save waiting for its metric

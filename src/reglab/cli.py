@@ -158,14 +158,24 @@ def run_job(task: Callable[[Any], Any], cfg: Any, conf_dir: Path) -> Any:
     job's number, written to <job folder>/error.txt and the job returns None: Hydra skips the study's report
     (on_multirun_end) when a job raises, so the job must not; `SweepFailures` collects the files and `main` exits
     non-zero after the rest of the sweep ran."""
-    from reglab import progress
+    from reglab import preemption, progress
 
+    preemption.install()  # SIGTERM: checkpoint and stop (reglab/preemption.py); a sweep worker keeps it
     progress.job_started(cfg)  # the launching process shows the sweep from these events (reglab/progress.py)
     try:
         with progress.job_output():  # on a terminal a sweep job's prints go to its folder: the live view is there
+            preemption.check("this job")
             metrics = task(cfg)
         progress.job_ended(metrics)
         return metrics
+    except preemption.Preempted as e:  # not a failure: the launching process says so once at the end
+        progress.job_ended(None, str(e), stopped=True)
+        job = _multirun_job()
+        print(f"preempted: {job[0] + ': ' if job else ''}{e}", file=sys.stderr, flush=True)
+        if job is None:
+            sys.exit(preemption.EXIT_PREEMPTED)
+        preemption.exit_fast()
+        return None
     except Exception as e:
         line = one_line(e, conf_dir)
         progress.job_ended(None, line or f"{type(e).__name__} (a bug: its traceback follows)")
@@ -194,17 +204,34 @@ class SweepFailures(Callback):
                 FAILED_JOBS.append(path.read_text().strip())
 
 
+def _preempted() -> NoReturn:
+    from reglab import preemption
+
+    print("preempted (SIGTERM): every running job wrote its checkpoint and its MLflow run is KILLED with tag "
+          "reglab.resumable; rerun the same command to continue", file=sys.stderr, flush=True)
+    preemption.exit_now(preemption.EXIT_PREEMPTED)
+
+
 def main(hydra_main: Callable[[], Any], conf_dir: Path) -> None:
     """Run a @hydra.main function (which reads sys.argv) with Hydra's errors turned into one line."""
+    from reglab import preemption
+
     keep_hydra_report = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises composition errors instead of printing them
+    preemption.install(launcher=True)
     try:
         hydra_main()
+    except preemption.Preempted:  # between the jobs of a sweep run in this process (Hydra's basic launcher)
+        _preempted()
     except Exception as e:
+        if preemption.requested():  # e.g. a worker that had no job yet ended by the signal: nothing of it is lost
+            _preempted()
         line = one_line(e, conf_dir)
         if line is None or keep_hydra_report:
             raise
         fail(line)
+    if preemption.requested():
+        _preempted()
     if FAILED_JOBS:
         fail(f"{len(FAILED_JOBS)} sweep job(s) failed, the others ran (each error is above; a study's report leaves "
              f"failed runs out). First: {FAILED_JOBS[0]}")

@@ -50,6 +50,7 @@ def validate(cfg: DictConfig) -> None:
         ("optim.weight_decay", lambda v: v is None or (isinstance(v, num) and v >= 0), "a number >= 0"),
         ("optim.momentum", lambda v: v is None or (isinstance(v, num) and 0 <= v < 1), "a number in [0, 1)"),
         ("trainer.max_epochs", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1"),
+        ("resume", lambda v: v in (None, "auto", "restart"), "auto or restart"),
     ]
     for key, ok, expected in checks:
         value = _number(cfg, key)

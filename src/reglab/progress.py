@@ -105,8 +105,9 @@ def job_started(cfg: Any) -> None:
         emit(job, "job", members=job_members(cfg, job.overrides), pid=os.getpid())
 
 
-def job_ended(metrics: dict[str, float] | None, error: str | None = None) -> None:
-    emit(current_job(), "end", metrics=_finite(metrics), error=error)
+def job_ended(metrics: dict[str, float] | None, error: str | None = None, stopped: bool = False) -> None:
+    """`stopped`: preempted (SIGTERM, reglab/preemption.py), not failed: the rerun continues it."""
+    emit(current_job(), "end", metrics=_finite(metrics), error=error, stopped=stopped)
 
 
 @contextlib.contextmanager
@@ -277,7 +278,9 @@ class Sweep:
                 member = self.members[key]
                 if member.status != "running":
                     continue
-                if ev.get("error") or ev.get("metrics") is None or len(job.members) > 1:
+                if ev.get("stopped"):
+                    lines += self._finish(member, "stopped", None, ev.get("error"), t - job.started)
+                elif ev.get("error") or ev.get("metrics") is None or len(job.members) > 1:
                     lines += self._finish(member, "failed", None, ev.get("error") or "the job returned nothing",
                                           t - job.started)
                 else:
@@ -287,7 +290,7 @@ class Sweep:
 
     def _finish(self, member: Member, status: str, metrics: dict | None, error: str | None,
                 seconds: float) -> list[str]:
-        if member.status in ("done", "skipped", "failed"):
+        if member.status in ("done", "skipped", "failed", "stopped"):
             return []
         member.status, member.metrics, member.error, member.seconds = status, metrics or {}, error, seconds
         self.finished += 1
@@ -297,6 +300,8 @@ class Sweep:
         """`model.width=48 seed=3  test/err=0.2650 train/err=0.0000  41s  [3/28]`"""
         if member.status == "failed":
             return f"{member.label}  failed: {member.error}  {self.count()}"
+        if member.status == "stopped":
+            return f"{member.label}  stopped by SIGTERM (the rerun continues it)  {self.count()}"
         m = member.metrics
         errs = [f"test/err={m['test/err']:.4f}"] if "test/err" in m else []
         errs += [f"{k}={m[k]:.4f}" for k in TRAIN_ERR if k in m][:1]
@@ -369,8 +374,10 @@ class Sweep:
     def final_line(self, now: float, headline: str = "", where: str = "") -> str:
         failed = sum(m.status == "failed" for m in self.members.values())
         skipped = sum(m.status == "skipped" for m in self.members.values())
-        parts = [f"sweep: {self.finished}/{self.total} members in {fmt_seconds(now - self.start)}"
-                 + (f" ({skipped} done before)" if skipped else "") + (f", {failed} FAILED" if failed else "")]
+        stopped = sum(m.status == "stopped" for m in self.members.values())
+        parts = [f"sweep: {self.finished - stopped}/{self.total} members in {fmt_seconds(now - self.start)}"
+                 + (f" ({skipped} done before)" if skipped else "") + (f", {failed} FAILED" if failed else "")
+                 + (f", {stopped} stopped by SIGTERM" if stopped else "")]
         return " | ".join(parts + [p for p in (headline, where) if p])
 
 

@@ -20,7 +20,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from reglab import early_stopping, performance
+from reglab import early_stopping, performance, preemption
 from reglab.classifier import Classifier
 from reglab.config import validate
 from reglab.data import augmentation, device_augment
@@ -140,6 +140,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     run = open_run(cfg)
     if run.done:
         return run.metrics
+    preemption.check(run.name)
     early_stopping.strategy(cfg)  # a bad stopping.after_stop fails before training
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -158,7 +159,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             logger.experiment.log_figure(logger.run_id, preview, "augmentation_preview.png")
 
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=run.ckpt_path, weights_only=True)
+        with preemption.keeping([logger]):
+            preemption.check(run.name)
+            trainer.fit(module, datamodule=dm, ckpt_path=run.ckpt_path, weights_only=True)
     except DivergenceError as e:
         if logger is not None:
             logger.fail(f"divergence: {e}")
@@ -174,7 +177,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
     use_best = trainer.early_stopping_callback is not None and trainer.checkpoint_callback is not None \
         and bool(trainer.checkpoint_callback.best_model_path)
-    trainer.test(module, datamodule=dm, ckpt_path="best" if use_best else None, verbose=False, weights_only=True)
+    with preemption.keeping([logger]):
+        preemption.check(f"{run.name}'s test pass")  # last.ckpt holds the trained weights: the rerun only tests
+        trainer.test(module, datamodule=dm, ckpt_path="best" if use_best else None, verbose=False, weights_only=True)
     metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}}
     metrics["model/params"] = float(module.num_params)
     metrics.update(train_eval)

@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from reglab import performance, progress, train
+from reglab import performance, preemption, progress, train
 from reglab.checkpoint import Checkpoint
 from reglab.classifier import Classifier
 from reglab.config import validate
@@ -61,6 +61,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         validate(c)
     runs = [find_run(c) for c in cfgs]
     todo = [i for i, r in enumerate(runs) if not r.done]
+    if todo:
+        preemption.check(f"population of {len(todo)} members")
     metrics = [r.metrics or {} for r in runs]
     if todo:
         for i, m in zip(todo, train_population([cfgs[i] for i in todo])):
@@ -110,14 +112,16 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
     ck = (lead.get("callbacks") or {}).get("checkpoint") or {}
     checkpoint = Checkpoint(dirpath=str(folder), monitor=None, save_top_k=0, save_last=True,
                             every_n_epochs=int(ck.get("every_n_epochs") or 1), last_every_s=ck.get("last_every_s"),
-                            save_on_train_epoch_end=True)
+                            stop_within_s=ck.get("stop_within_s"), save_on_train_epoch_end=True)
     # The population's own checkpoint (all members, optimizer, loops) and, on a terminal, the preset's progress bar.
     callbacks = [checkpoint, *(c for c in train.build_callbacks(lead, folder) if isinstance(c, ProgressBar))]
     trainer = instantiate(lead.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(folder),
                           enable_checkpointing=True,
                           enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks))
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
+        with preemption.keeping(loggers):
+            preemption.check(f"population of {len(cfgs)} members")
+            trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
     except DivergenceError as e:
         for lg in loggers:
             lg.fail(f"divergence: {e}")
@@ -129,7 +133,9 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
     for m, lg in enumerate(loggers):
         if m not in module.failed:
             lg.log_metrics(train_eval[m], step=trainer.current_epoch - 1)  # the last epoch trained
-    trainer.test(module, datamodule=data, verbose=False, weights_only=True)
+    with preemption.keeping(loggers):
+        preemption.check(f"the test pass of a population of {len(cfgs)} members")
+        trainer.test(module, datamodule=data, verbose=False, weights_only=True)
     for m, reason in module.failed.items():
         if loggers:
             loggers[m].fail(f"divergence: {reason}")

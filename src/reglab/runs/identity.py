@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 # Observation only. `population` chooses how members are trained together, which leaves each member's numbers as
 # they are alone (to float summation order), so it does not change who the run is either.
-OBSERVATION_KEYS = ("logger", "paths", "callbacks.progress", "hydra", "report", "study", "launcher", "population")
+OBSERVATION_KEYS = ("logger", "paths", "callbacks.progress", "hydra", "report", "study", "launcher", "population",
+                    "resume")
 
 
 def _drop(container: dict, dotted: str) -> None:

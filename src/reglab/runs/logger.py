@@ -19,6 +19,8 @@ their points); one behind it is not, and lookup.py starts such a run over.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from typing import Any
 
@@ -26,9 +28,22 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from reglab.errors import ConfigError
+from reglab.errors import ConfigError, ReglabError
 from reglab.runs import store
-from reglab.runs.lookup import LOGGED_EPOCH_TAG, Run
+from reglab.runs.lookup import LOGGED_EPOCH_TAG, RESUMABLE_TAG, Run
+
+log = logging.getLogger(__name__)
+
+
+class TrackingUnavailable(ReglabError):
+    """The tracking server did not answer after MLflow's own retries."""
+
+
+def unreachable(exc: BaseException) -> bool:
+    """MLflow's error for a request that found no server (connection refused or reset, after its retries)."""
+    text = str(exc)
+    return type(exc).__name__ == "MlflowException" and "API request to" in text and any(
+        s in text for s in ("Max retries exceeded", "Connection refused", "ConnectionError", "Connection aborted"))
 
 MAX_BATCH = 1000  # MLflow takes at most 1,000 metrics per request
 FLUSH_EVERY_S = 60.0  # with checkpoints on, last.ckpt writes (every 30 s by default) flush first anyway
@@ -45,7 +60,24 @@ class RunLogger(MLFlowLogger):
         self.tracking_uri = kwargs["tracking_uri"]
         self._pending: list[tuple[dict[str, float], int]] = []
         self._failed = False
+        self._unreachable = False  # the tracking server stopped answering (flush)
         self._monitor = None
+
+    @property
+    def experiment(self):
+        # Lightning's first access calls mlflow.set_tracking_uri, which also sets $MLFLOW_TRACKING_URI for the rest
+        # of the process; logger.tracking_uri reads that variable, so a later run in the same process (a sweep
+        # worker's next job, a test) would log into this run's store. Put it back.
+        if self._initialized:
+            return self._mlflow_client
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            return super().experiment
+        finally:
+            if before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -70,7 +102,19 @@ class RunLogger(MLFlowLogger):
         for i in range(0, len(batch), MAX_BATCH):
             tags = [RunTag(LOGGED_EPOCH_TAG, str(last))] if i + MAX_BATCH >= len(batch) else []
             # Synchronous: resuming trusts the tag only once the points are in the store.
-            self.experiment.log_batch(self.run_id, metrics=batch[i:i + MAX_BATCH], tags=tags, synchronous=True)
+            try:
+                self.experiment.log_batch(self.run_id, metrics=batch[i:i + MAX_BATCH], tags=tags, synchronous=True)
+            except Exception as e:
+                if not unreachable(e):
+                    raise
+                # MLflow's client has retried with back-off (~4 min by default: MLFLOW_HTTP_REQUEST_MAX_RETRIES=7,
+                # MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2). Stop here: last.ckpt is not made current without its
+                # history (reglab.checkpoint), so the run, still RUNNING in the store, is continued by the rerun.
+                self._unreachable = True
+                raise TrackingUnavailable(
+                    f"logger.tracking_uri={self.tracking_uri}: the tracking server did not answer after MLflow's "
+                    "retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR); the run and its "
+                    "last checkpoint are kept: rerun the same command when the server is back") from None
 
     @rank_zero_only
     def fail(self, reason: str) -> None:
@@ -78,6 +122,19 @@ class RunLogger(MLFlowLogger):
         FAILED whatever status Lightning finalizes it with."""
         self.experiment.set_tag(self.run_id, "failure_reason", reason)
         self._failed = True
+
+    @rank_zero_only
+    def keep_resumable(self, reason: str) -> None:
+        """The run stopped on a fault it can continue from (SIGTERM, a full disk): KILLED with tag
+        reglab.resumable, which the same command continues (reglab/runs/lookup.py). After Lightning's own
+        finalize("failed"). Best effort: the store itself may be what failed."""
+        try:
+            self.flush()
+            self.experiment.set_tag(self.run_id, RESUMABLE_TAG, "true")
+            self.experiment.set_tag(self.run_id, "reglab.stopped_by", reason[:500])
+            self.experiment.set_terminated(self.run_id, status="KILLED")
+        except Exception as e:  # a RUNNING run with its history is resumable too
+            log.warning("could not mark run %s resumable (%s); the same command still continues it", self.run_id, e)
 
     @rank_zero_only
     def watch_system(self, resume: bool = False) -> None:
@@ -105,6 +162,8 @@ class RunLogger(MLFlowLogger):
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         global _watching
+        if self._unreachable:  # another 4 minutes of retries would only end the same way; the run stays RUNNING
+            return
         self.flush()
         if self._monitor is not None:  # before the run ends, so the monitor's last samples still reach it
             self._monitor.finish()

@@ -14,6 +14,11 @@ and returns a `Run`:
   the parent holds each configuration once; a single run marked KILLED with tag `reglab.superseded_by_rerun`, never
   deleted) together with its checkpoint folder, and the configuration starts over.
 
+A run stopped by a fault it may continue from (SIGTERM from a scheduler, a full disk: reglab/preemption.py) ends
+KILLED with tag `reglab.resumable`; single runs are looked up among RUNNING and resumable runs. `resume=restart`
+starts the configuration afresh whatever it has; a checkpoint that cannot be read (truncated, zero bytes) stops
+with one line naming it, never silently restarts.
+
 How far a history reaches is the tag `reglab.logged_epoch`, which the logger writes in the same request as the
 epoch's metrics; the store commits the metrics first and the tag after them, so the tag never claims an epoch the
 store lacks (a kill between the two only makes a resumable run start over).
@@ -29,11 +34,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from reglab.errors import ConfigError
 from reglab.runs import store
 from reglab.runs.identity import identity
 
 log = logging.getLogger(__name__)
 LOGGED_EPOCH_TAG = "reglab.logged_epoch"  # last epoch whose metrics are all in the store
+RESUMABLE_TAG = "reglab.resumable"  # on a KILLED run that the same command continues (preemption, full disk)
 
 
 @dataclass
@@ -72,9 +79,17 @@ def checkpoint_epoch(path: Path) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _epoch(path: str, mtime_ns: int) -> int:
+    import pickle
+
     import torch
 
-    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{path}: the checkpoint this run would resume from cannot be read ({reason[:120]}); "
+                          "rerun with resume=restart to train this configuration afresh (its unfinished MLflow run "
+                          "is discarded), or put back a good copy of the file") from None
 
 
 def find_run(cfg: DictConfig, last: Path | None = None) -> Run:
@@ -103,11 +118,12 @@ def find_run(cfg: DictConfig, last: Path | None = None) -> Run:
             run.run_id, run.metrics = done[0].info.run_id, dict(done[0].data.metrics)
             return run
     else:
-        found = [r for r in client.search_runs([exp_id], f"tags.fingerprint = '{ident}' and attributes.status = "
-                                               "'RUNNING'", order_by=["attributes.start_time DESC"])
-                 if "mlflow.parentRunId" not in r.data.tags]
+        found = [r for r in client.search_runs([exp_id], f"tags.fingerprint = '{ident}' and attributes.status != "
+                                               "'FINISHED'", order_by=["attributes.start_time DESC"])
+                 if "mlflow.parentRunId" not in r.data.tags and (
+                     r.info.status == "RUNNING" or r.data.tags.get(RESUMABLE_TAG) == "true")]
     last = last or run.ckpt_dir / "last.ckpt"
-    if found:
+    if found and cfg.get("resume", "auto") != "restart":
         logged = int(found[0].data.tags.get(LOGGED_EPOCH_TAG, -1))
         if last.exists() and logged >= checkpoint_epoch(last):
             run.run_id, run.ckpt_path, run.logged_epoch = found[0].info.run_id, str(last), logged

@@ -175,11 +175,11 @@ class StudyCallback(Callback):
         os.environ.pop(ENV_PARENT, None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from reglab import progress
+        from reglab import preemption, progress
 
         progress.stop()  # the live view ends before the report writes
         parent = os.environ.pop(ENV_PARENT, None)
-        if not parent:
+        if not parent or preemption.requested():  # preempted: the parent stays RUNNING, the rerun reports
             progress.finish(sweep_dir=config.hydra.sweep.dir)
             return
         client, _, _ = store.experiment(config)

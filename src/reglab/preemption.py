@@ -1,0 +1,147 @@
+"""Preemption: SIGTERM, then SIGKILL after a grace period (SLURM's KillWait, 30 s by default; spot instances), as
+schedulers stop jobs. Every process of a run or sweep keeps what it trained and leaves within the grace period:
+
+- `install()` (every training process and the launching one, from reglab.cli) makes SIGTERM set a flag instead of
+  ending the process; in a sweep's launching process it also forwards the signal to the worker processes, which
+  `kill <pid>` of the launcher alone would not reach.
+- While a model trains, reglab's `Checkpoint` (reglab/checkpoint.py) takes SIGTERM back from Lightning (whose own
+  handler stops at the next batch, mid-epoch: not a point a run can continue from exactly) and, after the flag is
+  set, finishes the current epoch when it ends within `stop_within_s`, writes `last.ckpt` at once (the epoch's
+  history first) and raises `Preempted`; an epoch too long for the grace period stops at the next batch, keeping the
+  `last.ckpt` of at most `last_every_s` earlier.
+- Outside a fit the job stops at the next point where stopping loses nothing (before its lookup, its fit, its test
+  pass); a job that had not started when the signal came does not start. The run is marked KILLED with tag
+  `reglab.resumable` (reglab/runs/lookup.py continues it). The command exits with status 143 (128 + SIGTERM) after one line;
+  the same command (or a SLURM requeue of it) continues every unfinished run, each epoch logged once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+
+
+EXIT_PREEMPTED = 128 + signal.SIGTERM
+_requested_at: float | None = None  # time.monotonic() of the first SIGTERM in this process
+_launcher_pid: int | None = None  # the process that forwards SIGTERM to its workers
+
+
+class Preempted(BaseException):
+    """The run stopped because the process was asked to (SIGTERM); its checkpoint and history are kept. A
+    BaseException, as KeyboardInterrupt: a request to stop, not an error, that passes through libraries that wrap
+    every Exception (Lightning's callbacks, MLflow's store)."""
+
+
+def requested() -> bool:
+    return _requested_at is not None
+
+
+def seconds_since() -> float:
+    return 0.0 if _requested_at is None else time.monotonic() - _requested_at
+
+
+def _signal_workers(sig: int) -> None:
+    # Only the sweep's job processes (joblib's loky workers): a DataLoader worker ends on SIGTERM, and its training
+    # process with it.
+    try:
+        import psutil
+
+        children = [c for c in psutil.Process().children() if "loky" in " ".join(c.cmdline())]
+    except Exception:  # psutil missing or a child gone: a signal to the process group still reaches them
+        return
+    for child in children:
+        try:
+            child.send_signal(sig)
+        except Exception:
+            pass
+
+
+def _flush_and_exit(status: int) -> None:
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
+def exit_fast() -> None:
+    """In a sweep worker whose job was preempted: when the launcher lets it go, end the process without Python's
+    finalization of torch, Lightning and MLflow (~20 s of a loaded core per worker, measured: most of the grace
+    period). Its job has stored everything it keeps (checkpoint, MLflow writes are synchronous)."""
+    import atexit
+
+    atexit.register(_flush_and_exit, 0)  # last registered, first run
+
+
+def exit_now(status: int) -> None:
+    """The launching process after its jobs: exit handlers (joblib's lets its workers go and waits for them), then
+    exit without the slow finalization of the interpreter (seconds on a loaded machine)."""
+    import atexit
+    import sys
+
+    if "joblib.externals.loky.process_executor" in sys.modules:  # what threading's shutdown would run first
+        with contextlib.suppress(Exception):
+            sys.modules["joblib.externals.loky.process_executor"]._python_exit()
+    atexit._run_exitfuncs()
+    _flush_and_exit(status)
+
+
+def handler(signum, frame) -> None:
+    # Only a flag: raising here would cut through whatever runs (an SQLite transaction of the MLflow store left
+    # open made the next write fail with "database is locked", seen). Training, lookups and the test pass check it
+    # at points where stopping loses nothing.
+    global _requested_at
+    if _requested_at is None:
+        _requested_at = time.monotonic()
+        if os.getpid() == _launcher_pid:
+            _signal_workers(signal.SIGTERM)
+
+
+def install(launcher: bool = False) -> None:
+    """SIGTERM sets the flag in this process (idempotent; only from the main thread, as Python requires). In the
+    launching process of a sweep it is also forwarded to the job processes."""
+    global _launcher_pid
+    if launcher:
+        _launcher_pid = os.getpid()
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: the caller's own handling stays
+        pass
+
+
+def reset() -> None:
+    """Forget a SIGTERM: for a process that goes on after a preempted run (tests that train in-process)."""
+    global _requested_at
+    _requested_at = None
+
+
+def check(what: str) -> None:
+    """Raise Preempted before starting `what` after SIGTERM."""
+    if requested():
+        raise Preempted(f"{what}: not started, the process was asked to stop (SIGTERM); rerun the same command to "
+                        "run it")
+
+
+def resumable(exc: BaseException) -> bool:
+    """A fault the same command continues from: SIGTERM, or a folder that filled up or went read-only mid-run
+    (the checkpoint written before it stays valid: reglab.checkpoint.AtomicCheckpointIO)."""
+    from reglab.cli import STORAGE_ERRNOS
+
+    return isinstance(exc, Preempted) or isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
+
+
+@contextlib.contextmanager
+def keeping(loggers):
+    """A fit or test pass inside this block that SIGTERM or a full disk stops leaves its runs (reglab RunLoggers)
+    KILLED with tag reglab.resumable, which the same command continues."""
+    try:
+        yield
+    except (Preempted, OSError) as e:
+        if resumable(e):
+            for logger in loggers:
+                if logger is not None:
+                    logger.keep_resumable(str(e))
+        raise
