@@ -33,8 +33,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow and not e2e"
 
-# Faults at cluster scale (tests/test_cluster_faults.py: preemption, a full disk, a tracking-server outage, many
-# writers; 2-4 min on 2 cores): outside `make test`'s 5-minute budget, run by .ci/run after it.
+# Multi-process and cluster-scale tests (marker `cluster`: tests/test_cluster_faults.py's preemption, full disk,
+# tracking-server outage and many writers; test_concurrency.py; test_ddp.py; 3-5 min on 2 cores): outside
+# `make test`'s 5-minute budget, run by .ci/run after it.
 test-cluster: install
 	$(PY) -m pytest -m cluster
 

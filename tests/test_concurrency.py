@@ -39,6 +39,7 @@ def assert_complete(client: MlflowClient, run, expected_params: set[str], epochs
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # many writers: make test-cluster (in .ci/run), outside make test's 5 minutes
 def test_four_processes_log_to_one_new_sqlite_store(tmp_path):
     common = [*TINY, f"trainer.max_epochs={EPOCHS}", "callbacks.early_stopping=null", "logger.log_model=false",
               f"paths.root={tmp_path}", "logger.experiment=parallel"]
@@ -56,6 +57,7 @@ def test_four_processes_log_to_one_new_sqlite_store(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # a remote server: make test-cluster (in .ci/run), outside make test's 5 minutes
 def test_sweep_logs_to_a_remote_tracking_server(tmp_path, empty_store):
     local = tmp_path / "client"
     local.mkdir()

@@ -8,6 +8,7 @@ from train_cli import train_cli
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # two processes: make test-cluster (in .ci/run), outside make test's 5 minutes
 def test_ddp_on_two_cpu_processes_logs_one_run(tmp_root, mlflow_uri):
     from mlflow.tracking import MlflowClient
 

@@ -127,8 +127,8 @@ def test_a_sweep_in_a_log_prints_a_line_per_member_and_the_studys_last_line(kill
     members = [line for line in lines if line.endswith("/2]")]
     time = r"(\d+h)?(\d+m)?\d+s"
     assert len(members) == 2, rerun.stderr[-3000:]
-    assert re.fullmatch(rf"model\.width=64  test/err=0\.\d{{4}} train/err=0\.\d{{4}}  {time}  \[1/2\]", members[0])
-    assert re.fullmatch(rf"model\.width=8  test/err=0\.\d{{4}} train/err=0\.\d{{4}}  {time}  \[2/2\]", members[1])
+    assert re.fullmatch(rf"model\.width=64  test/err=0\.\d{{4}} train_eval/err=0\.\d{{4}}  {time}  \[1/2\]", members[0])
+    assert re.fullmatch(rf"model\.width=8  test/err=0\.\d{{4}} train_eval/err=0\.\d{{4}}  {time}  \[2/2\]", members[1])
     [last] = [line for line in lines if line.startswith("sweep: ")]
     assert re.fullmatch(rf"sweep: 2/2 members in {time} \| double_descent_mnist1d: .*peak_width=(64|8).* \| "
                         rf"report: {re.escape(str(root / 'results' / 'double_descent_mnist1d'))}", last), last

@@ -169,7 +169,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise
     # The weights fit ended with, in evaluation mode, on the labels they were trained on: train/err is measured in
     # training mode (dropout on, batch statistics) while the weights still move, and interpolation is about this one.
-    train_eval = {k: float(v) for k, v in evaluate_training_set(module.net, dm).items()}
+    train_eval = {k: float(v) for k, v in evaluate_training_set(module.evaluated, dm).items()}
     if logger is not None:
         logger.log_metrics(train_eval, step=trainer.current_epoch - 1)  # the last epoch trained
     # With early stopping the model to report is the best checkpoint (the lecture's theta*); otherwise the final

@@ -183,7 +183,17 @@ class RunLogger(MLFlowLogger):
         measured = {"model.params": model_params, "data.label_noise_realized": label_noise_realized}
         self.log_hyperparams({**store.flatten(OmegaConf.to_container(cfg, resolve=True)), **measured})
         self.experiment.log_text(self.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        self.experiment.log_inputs(self.run_id, datasets=datasets.inputs(data))
+        for attempt in range(5):
+            try:
+                self.experiment.log_inputs(self.run_id, datasets=datasets.inputs(data))
+                break
+            except Exception as e:
+                # Parallel jobs logging the same (name, digest) race to create the experiment's one copy of it;
+                # the loser's transaction is rolled back whole, and a retry finds the dataset there (seen with
+                # two sweep workers: "UNIQUE constraint failed: datasets...").
+                if "UNIQUE constraint failed" not in str(e) or attempt == 4:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
         self._pending.append(({"model/params": float(model_params), "data/label_noise_realized": label_noise_realized},
                               0))
 

@@ -52,6 +52,8 @@ MAIN_SETTING = {  # regularizer -> (its main argument, how the label shows it)
     "weight_decay": ("strength", "{}"), "max_norm": ("max_norm", "c={}"), "dropout": ("keep_prob", "keep {}"),
     "dropout_classic": ("keep_prob", "keep {}"), "dropconnect": ("keep_prob", "keep {}"),
     "gaussian_dropout": ("keep_prob", "keep {}"), "spatial_dropout": ("keep_prob", "keep {}"),
+    "label_smoothing": ("smoothing", "ε={}"), "mixup": ("alpha", "α={}"), "cutmix": ("alpha", "α={}"),
+    "stochastic_depth": ("keep_prob", "keep {}"), "ema": ("decay", "d={}"), "swa": ("start", "from {}"),
 }
 
 
