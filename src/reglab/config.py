@@ -14,7 +14,7 @@ from reglab.errors import ConfigError
 # a new class under reglab is covered, anything else is added here on purpose. (Hydra's own `hydra.callbacks` are
 # instantiated by Hydra before any job starts and are not checked here.)
 ALLOWED_TARGETS = ("reglab.", "lightning.Trainer", "lightning.pytorch.callbacks.", "hydra_plugins.reglab_population.",
-                   "hydra_plugins.reglab_optuna.")
+                   "hydra_plugins.reglab_optuna.", "optuna.samplers.")
 
 # Regularizer arguments checked by name in every regularization.<name> node, before Lightning loads (the classes
 # in reglab.regularization check them again for Python callers): key suffix -> (test, what is expected).

@@ -166,6 +166,14 @@ class RunLogger(MLFlowLogger):
             return
         self.flush()
         if self._monitor is not None:  # before the run ends, so the monitor's last samples still reach it
+            if getattr(self._monitor, "_logging_step", 1) == 0:
+                # A run shorter than one sampling interval: MLflow's loop stops before its first write; one sample
+                # at the end, so system/* is never missing from a run that asked for it (seen in CI).
+                try:
+                    self._monitor.collect_metrics()
+                    self._monitor.publish_metrics(self._monitor.aggregate_metrics())
+                except Exception as e:
+                    log.warning("no system metrics for run %s (%s)", self.run_id, e)
             self._monitor.finish()
             self._monitor, _watching = None, None
         super().finalize("failed" if self._failed else status)
