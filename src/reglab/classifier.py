@@ -144,6 +144,9 @@ class Classifier(L.LightningModule):
         if stage == "train":  # params/zero_frac, params/l1, params/l2 of the weights
             if self.members is None:
                 metrics.update(weight_stats(self.net))
+                # train/<regularizer>/<key>: what a regularizer measured this epoch (max-norm's clipped_frac)
+                metrics.update({f"train/{name}/{key}": value for name, reg in self.regularizers.items()
+                                for key, value in reg.epoch_metrics().items()})
             else:
                 stats = [tensor_stats([v for v in self.net.member_state_dict(m).values() if v.dim() >= 2])
                          for m in range(self.members)]

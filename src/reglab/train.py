@@ -86,28 +86,12 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
 
 
 def build_trainer(cfg: DictConfig, run: Run, logger: RunLogger | None) -> L.Trainer:
-    callbacks = build_callbacks(cfg, run.ckpt_dir) + [RegularizerMetrics()]
+    callbacks = build_callbacks(cfg, run.ckpt_dir)
     # Without a checkpoint callback (callbacks.checkpoint=null) Lightning would add its own, writing every epoch.
     saves = {"enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks)} \
         if cfg.trainer.get("enable_checkpointing") is None else {}
     return instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks, default_root_dir=str(run.ckpt_dir),
                        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks), **saves)
-
-
-class RegularizerMetrics(L.Callback):
-    """Each regularizer's `epoch_metrics()` as `train/<name>/<key>` (max-norm's clipped_frac), once per training
-    epoch. Lightning calls it before the Classifier's on_train_epoch_end hands the epoch's metrics to the loggers, so
-    they reach the store in the same batch, before the epoch's checkpoint."""
-
-    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        measured = {f"train/{name}/{key}": value for name, reg in getattr(module, "regularizers", {}).items()
-                    for key, value in reg.epoch_metrics().items()}
-        if not measured:
-            return
-        values = dict(zip(measured, torch.stack([v.float() for v in measured.values()]).tolist()))  # one sync
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.current_epoch)
 
 
 @torch.no_grad()
