@@ -221,8 +221,6 @@ def main(hydra_main: Callable[[], Any], conf_dir: Path) -> None:
     preemption.install(launcher=True)
     try:
         hydra_main()
-    except preemption.Preempted:  # between the jobs of a sweep run in this process (Hydra's basic launcher)
-        _preempted()
     except Exception as e:
         if preemption.requested():  # e.g. a worker that had no job yet ended by the signal: nothing of it is lost
             _preempted()
