@@ -83,6 +83,9 @@ class Classifier(L.LightningModule):
         # their loss no longer counts, so their gradient is 0 and the others train on.
         self.members: int | None = getattr(net, "members", None)
         self.failed: dict[int, str] = {}
+        # `stopped`: member -> the last epoch it trained, set by early stopping (population/stopping.py); it is frozen
+        # from then on, so its later epochs are neither logged nor kept, and its test is logged at the next step.
+        self.stopped: dict[int, int] = {}
         self.member_metrics: list[dict[str, float]] = [{} for _ in range(self.members or 0)]  # latest, per member
         self._sums: dict[str, torch.Tensor] = {}
         self._pending_log: dict[int, Any] = {}  # epoch -> metrics (a list of them for a population) to be logged
@@ -158,9 +161,13 @@ class Classifier(L.LightningModule):
             shown = metrics
         else:
             values = [dict(zip(metrics, column)) for column in zip(*table)]  # one dict per member
+            fitting = self.trainer.state.fn == TrainerFn.FITTING
+            frozen = {m for m, last in self.stopped.items() if fitting and last < epoch}
             for m, v in enumerate(values):
-                self.member_metrics[m].update(v)
-            alive = torch.tensor([m not in self.failed for m in range(self.members)], device=loss.device)
+                if m not in frozen:
+                    self.member_metrics[m].update(v)
+            alive = torch.tensor([m not in self.failed and m not in frozen for m in range(self.members)],
+                                 device=loss.device)
             shown = {k: v[alive].mean() for k, v in metrics.items()}  # what a progress bar shows
         # Straight to the loggers and to trainer.callback_metrics (what EarlyStopping, ModelCheckpoint and run()
         # read) rather than through self.log_dict: Lightning's result collection moves and resets one torchmetrics
@@ -171,8 +178,10 @@ class Classifier(L.LightningModule):
         if self.members is None:
             self._pending_log.setdefault(epoch, {}).update(values)
         else:
-            for m, v in enumerate(self._pending_log.setdefault(epoch, [{} for _ in values])):
-                v.update(values[m])
+            for m, v in enumerate(values):
+                if m not in frozen:  # after fit, a stopped member's test goes where its solo run's does
+                    step = epoch if fitting else self.stopped.get(m, epoch - 1) + 1
+                    self._pending_log.setdefault(step, [{} for _ in values])[m].update(v)
         if self.trainer.state.fn != TrainerFn.FITTING:  # a test after fit: nothing else comes for this step
             self._write_pending()
         return values
@@ -200,7 +209,7 @@ class Classifier(L.LightningModule):
                     logger.log_metrics(values, step=step)
                 continue
             for m, logger in enumerate(self.loggers):
-                if m not in self.failed:
+                if m not in self.failed and values[m]:
                     logger.log_metrics(values[m], step=step)
 
     def on_train_end(self) -> None:

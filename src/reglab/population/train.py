@@ -5,9 +5,10 @@ child run, params, per-epoch metrics and final test metrics: a study's report ca
 is train.run's, per member where a member has its own:
 
 look up every member (done ones drop out) -> per member: seed, data, model -> fuse -> one Classifier over the
-population -> one RunLogger per member -> Trainer (a checkpoint of the whole population) -> fit -> each member's
-training split in evaluation mode (train_eval/{loss,err}) -> test -> each member's weights into its own checkpoint
-folder.
+population -> one RunLogger per member -> Trainer (a checkpoint of the whole population; with early stopping, each
+member stops at its own epoch: population/stopping.py) -> fit -> each member's training split in evaluation mode
+(train_eval/{loss,err}) -> test (with early stopping, each member at its theta*) -> each member's weights into its
+own checkpoint folder.
 
 Resume: the population's `last.ckpt` lives in a folder named by the members' identities; a rerun continues it when
 every unfinished member's run reaches its epoch (reglab/runs/lookup.py's rule), else all of them start over.
@@ -35,6 +36,7 @@ from reglab.config import validate
 from reglab.errors import ConfigError, DivergenceError
 from reglab.population import fusable, fuse
 from reglab.population.data import PopulationDataModule
+from reglab.population.stopping import MemberStopping, stopped_epochs
 from reglab.population.sweeper import mode, why_not
 from reglab.runs.identity import identity, without_hydra
 from reglab.runs.logger import build_logger
@@ -77,7 +79,10 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
     folder = Path(lead.paths.checkpoints) / ("population-" + hashlib.sha256(
         " ".join(sorted(identity(c) for c in cfgs)).encode()).hexdigest()[:12])
     last = folder / "last.ckpt"
-    runs = [find_run(c, last=last) for c in cfgs]  # resumable only from the population's own checkpoint
+    # Resumable only from the population's own checkpoint; a member that stopped early, once its history reaches
+    # its stop epoch.
+    stops = stopped_epochs(last)
+    runs = [find_run(c, last=last, reached=stops.get(m)) for m, c in enumerate(cfgs)]
     resume = all(r.ckpt_path for r in runs)
     for c, r in zip(cfgs, runs):
         discard(c, r, restart=not resume)
@@ -113,8 +118,11 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
     checkpoint = Checkpoint(dirpath=str(folder), monitor=None, save_top_k=0, save_last=True,
                             every_n_epochs=int(ck.get("every_n_epochs") or 1), last_every_s=ck.get("last_every_s"),
                             stop_within_s=ck.get("stop_within_s"), save_on_train_epoch_end=True)
-    # The population's own checkpoint (all members, optimizer, loops) and, on a terminal, the preset's progress bar.
-    callbacks = [checkpoint, *(c for c in train.build_callbacks(lead, folder) if isinstance(c, ProgressBar))]
+    # The population's own checkpoint (all members, optimizer, loops), early stopping per member and, on a
+    # terminal, the preset's progress bar.
+    stopping = MemberStopping.from_config(lead, len(cfgs))
+    callbacks = [checkpoint, *([stopping] if stopping else []),
+                 *(c for c in train.build_callbacks(lead, folder) if isinstance(c, ProgressBar))]
     trainer = instantiate(lead.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(folder),
                           enable_checkpointing=True,
                           enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks))
@@ -131,22 +139,35 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
     stacked = train.evaluate_training_set(module.net, data)
     train_eval = [dict(zip(stacked, column)) for column in zip(*torch.stack(list(stacked.values())).tolist())]
     for m, lg in enumerate(loggers):
-        if m not in module.failed:
+        if m not in module.failed and m not in module.stopped:  # a stopped member's is logged at its stop
             lg.log_metrics(train_eval[m], step=trainer.current_epoch - 1)  # the last epoch trained
+    # Each member's final weights, epoch and step (a stopped member's: its stop's), then its test at theta*.
+    final = [{f"net.{k}": v.clone() for k, v in net.state_dict().items()} for net in module.net.member_nets()]
+    ends = [(stopping.stopped[m]["epoch"], stopping.stopped[m]["step"]) if stopping and m in stopping.stopped
+            else (trainer.current_epoch - 1, trainer.global_step) for m in range(len(cfgs))]
+    if stopping:
+        stopping.load_best(module.net)
     with preemption.keeping(loggers):
         preemption.check(f"the test pass of a population of {len(cfgs)} members")
         trainer.test(module, datamodule=data, verbose=False, weights_only=True)
+    after = [stopping.metrics(m) if stopping else {} for m in range(len(cfgs))]
+    for m, lg in enumerate(loggers):
+        if m not in module.failed and after[m]:
+            lg.log_after_end(after[m])
     for m, reason in module.failed.items():
         if loggers:
             loggers[m].fail(f"divergence: {reason}")
             loggers[m].finalize("failed")
     out = []
     for m, (c, r, net) in enumerate(zip(cfgs, runs, module.net.member_nets())):
-        # The member's own checkpoint folder gets its final weights, as a solo run's last.ckpt holds them.
+        # The member's own checkpoint folder gets its final weights, as a solo run's last.ckpt holds them, and its
+        # theta* under the name the default callbacks.checkpoint.filename gives a solo run's best file.
         r.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-                    "epoch": trainer.current_epoch - 1, "global_step": trainer.global_step},
-                   r.ckpt_dir / "last.ckpt")
-        out.append({**module.member_metrics[m], **train_eval[m],
+        torch.save({"state_dict": final[m], "epoch": ends[m][0], "global_step": ends[m][1]}, r.ckpt_dir / "last.ckpt")
+        best = stopping.best[m] if stopping else None
+        if best is not None:
+            torch.save({"state_dict": {f"net.{k}": v for k, v in best["state"].items()}, "epoch": best["epoch"],
+                        "global_step": best["step"]}, r.ckpt_dir / f"best-{best['epoch']}.ckpt")
+        out.append({**module.member_metrics[m], **train_eval[m], **after[m],
                     "model/params": float(sum(p.numel() for p in net.parameters()))})
     return out

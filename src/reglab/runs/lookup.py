@@ -92,9 +92,11 @@ def _epoch(path: str, mtime_ns: int) -> int:
                           "is discarded), or put back a good copy of the file") from None
 
 
-def find_run(cfg: DictConfig, last: Path | None = None) -> Run:
+def find_run(cfg: DictConfig, last: Path | None = None, reached: int | None = None) -> Run:
     """The lookup alone, nothing changed: `Run.stale` lists the attempts `discard` will remove. `last` is the
-    checkpoint a resume would load (default: last.ckpt in the run's own folder; a population's is shared)."""
+    checkpoint a resume would load (default: last.ckpt in the run's own folder; a population's is shared);
+    `reached`, the epoch the history must reach to continue from it (default: the checkpoint's; a population member
+    that stopped early logs nothing after its stop epoch)."""
     ident, name = identity(cfg), run_name(cfg)
     run = Run(ident, name, Path(cfg.paths.checkpoints) / f"{name}-{ident[:12]}")
     if cfg.logger.get("backend") != "mlflow":
@@ -125,7 +127,7 @@ def find_run(cfg: DictConfig, last: Path | None = None) -> Run:
     last = last or run.ckpt_dir / "last.ckpt"
     if found and cfg.get("resume", "auto") != "restart":
         logged = int(found[0].data.tags.get(LOGGED_EPOCH_TAG, -1))
-        if last.exists() and logged >= checkpoint_epoch(last):
+        if last.exists() and logged >= (checkpoint_epoch(last) if reached is None else reached):
             run.run_id, run.ckpt_path, run.logged_epoch = found[0].info.run_id, str(last), logged
             found = found[1:]  # only one attempt per configuration continues
     run.stale = [r.info.run_id for r in found]

@@ -1,0 +1,207 @@
+"""Early stopping per member of a population (`stopping.after_stop=none`): each member stops at the epoch its solo
+run stops, stays frozen from then on, and is tested at its theta*, the weights its solo run's best checkpoint holds.
+
+At the end of each epoch, for every member still training and with that member's own metrics
+(`Classifier.member_metrics`):
+- theta*: ModelCheckpoint's rule for its best file (conf/callbacks/checkpoint.yaml: monitor, mode, every_n_epochs),
+  kept as a copy of the member's weights in memory: at each epoch a checkpoint is due, the first epoch with the best
+  monitored value (NaN counts as the worst);
+- the stopping decision: Lightning's own, one EarlyStopping per member asked with the member's monitored value, at
+  the point of the epoch where the solo run's EarlyStopping is asked;
+- a member told to stop is frozen: its parameters and buffers are put back after every optimizer step (momentum,
+  Adam's moments and weight decay move weights whose gradient is zero, and the forward pass moves batch-norm
+  statistics), its later epochs are not logged (`Classifier.stopped`), and `train_eval/*` is logged with its stop
+  epoch, as its solo run logs it after fit.
+The fit ends when every member that has not failed has stopped (or at max_epochs). This state is in the population's
+last.ckpt, so a rerun after kill -9 continues exactly; `stopped_epochs` tells the lookup how far a stopped member's
+history has to reach.
+
+What a solo run does after its stop with `stopping.after_stop=retrain|continue` is not done here:
+population/sweeper.why_not keeps those configurations one job per member.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping
+from omegaconf import DictConfig
+
+from reglab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+BETTER = {"min": torch.lt, "max": torch.gt}
+
+
+class MemberStopping(EarlyStopping):
+    """An EarlyStopping for where Lightning calls it: among the monitoring callbacks, after the module's epoch-end hook
+    has computed the epoch's metrics and before the checkpoint that saves this state, and on the solo run's schedule
+    (check_on_train_epoch_end). Its own best_score and wait_count stay unused; `rules` decide, one per member."""
+
+    def __init__(self, rules: list[EarlyStopping], best: dict[str, Any] | None,
+                 check_on_train_epoch_end: bool | None = None):
+        super().__init__(monitor=rules[0].monitor, mode=rules[0].mode,
+                         check_on_train_epoch_end=check_on_train_epoch_end)
+        self.rules = rules
+        self.best_rule = best  # {"monitor", "mode", "every_n_epochs"}, or None: no best checkpoint, final weights
+        self.best: list[dict[str, Any] | None] = [None] * len(rules)  # score, epoch, step, state
+        # The Trainer's should_stop stays set once EarlyStopping sets it, and the solo run stops at the first epoch
+        # where trainer.min_epochs allows: `asked` is that flag per member.
+        self.asked = [False] * len(rules)
+        # member -> epoch, global step and metrics at its stop (the metrics: what a resumed fit no longer computes)
+        self.stopped: dict[int, dict[str, Any]] = {}
+        self._frozen: dict[int, dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, members: int) -> MemberStopping | None:
+        callbacks = cfg.get("callbacks") or {}
+        node = callbacks.get("early_stopping")
+        if node is None:
+            return None
+        ck = callbacks.get("checkpoint")
+        best = None
+        if ck is not None and ck.get("save_top_k", 1) != 0:
+            every = ck.get("every_n_epochs")  # None: ModelCheckpoint's default, every epoch
+            best = {"monitor": ck.get("monitor"), "mode": ck.get("mode", "min"),
+                    "every_n_epochs": 1 if every is None else int(every)}
+        return cls([instantiate(node) for _ in range(members)], best, node.get("check_on_train_epoch_end"))
+
+    def training(self, module) -> list[int]:
+        return [m for m in range(len(self.rules)) if m not in self.stopped and m not in module.failed]
+
+    # --- the epoch's decisions ------------------------------------------------------------------------------
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.fast_dev_run:  # as ModelCheckpoint: no checkpoint under fast_dev_run
+            self._remember_best(trainer, pl_module)
+        super().on_train_epoch_end(trainer, pl_module)  # the stopping check, when the solo run's is at epoch end
+
+    def _remember_best(self, trainer, module) -> None:
+        rule, epoch = self.best_rule, trainer.current_epoch
+        if rule is None or rule["every_n_epochs"] < 1 or (epoch + 1) % rule["every_n_epochs"]:
+            return
+        for m in self.training(module):
+            current = None  # ModelCheckpoint without a monitor: its best file is the latest
+            if rule["monitor"] is not None:
+                value = module.member_metrics[m].get(rule["monitor"])
+                if value is None:
+                    raise ConfigError(f"callbacks.checkpoint.monitor={rule['monitor']!r} is not a metric of the "
+                                      f"population's members: {', '.join(sorted(module.member_metrics[m]))}")
+                current = torch.tensor(value, dtype=torch.float32)  # the float32 value its solo run compares
+                if torch.isnan(current):
+                    current = torch.tensor(math.inf if rule["mode"] == "min" else -math.inf)
+                best = self.best[m]
+                if best is not None and not BETTER[rule["mode"]](current, best["score"]):
+                    continue
+            self.best[m] = {"score": current, "epoch": epoch, "step": trainer.global_step,
+                            "state": module.net.member_state_dict(m)}
+
+    def _run_early_stopping_check(self, trainer) -> None:
+        if trainer.fast_dev_run:
+            return
+        module = trainer.lightning_module
+        loop = trainer.fit_loop
+        # What FitLoop._can_stop_early asks after this epoch (min_steps never reaches here: sweeper.why_not).
+        may_stop = not loop.min_epochs or trainer.current_epoch + 1 >= loop.min_epochs
+        stopping = []
+        for m in self.training(module):
+            rule, logs = self.rules[m], module.member_metrics[m]
+            if not rule._validate_condition_metric(logs):  # strict: raises as the solo run's would
+                continue
+            should_stop, reason = rule._evaluate_stopping_criteria(torch.tensor(logs[rule.monitor],
+                                                                                dtype=torch.float32))
+            if should_stop:
+                rule.stopped_epoch, rule.stopping_reason_message = trainer.current_epoch, reason
+            if reason and rule.verbose:
+                log.info("member %d: %s", m, reason)
+            self.asked[m] = self.asked[m] or should_stop
+            if self.asked[m] and may_stop:
+                stopping.append(m)
+        for m in stopping:
+            self.stopped[m] = {"epoch": trainer.current_epoch, "step": trainer.global_step,
+                               "metrics": dict(module.member_metrics[m])}
+            self._freeze(module, m)
+        if stopping:
+            self._log_train_eval(trainer, module, stopping)
+        if not self.training(module):
+            trainer.should_stop = True
+
+    def _freeze(self, module, m: int) -> None:
+        self._frozen[m] = module.net.member_state_dict(m)
+        module.stopped[m] = self.stopped[m]["epoch"]
+
+    def _log_train_eval(self, trainer, module, members: list[int]) -> None:
+        """train_eval/* of members that just stopped, in their stop epoch's batch: their weights are final now, and
+        written here it is in their history before last.ckpt (a resumed run logs nothing at earlier steps)."""
+        from reglab.train import evaluate_training_set
+
+        if not trainer.loggers:
+            return
+        stacked = evaluate_training_set(module.net, trainer.datamodule)
+        for m in members:
+            trainer.loggers[m].log_metrics({k: float(v[m]) for k, v in stacked.items()},
+                                           step=self.stopped[m]["epoch"])
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Resumed: the members that had stopped are frozen at the weights last.ckpt holds (restored before this hook).
+        for m, stop in self.stopped.items():
+            self._freeze(pl_module, m)
+            pl_module.member_metrics[m].update(stop["metrics"])
+        if self.stopped and not self.training(pl_module):
+            trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for m, state in self._frozen.items():
+            pl_module.net.load_member_state_dict(m, state)
+
+    # --- after fit --------------------------------------------------------------------------------------------
+    def load_best(self, net) -> None:
+        """Every member with a theta* at theta*, for the test (the solo run tests ckpt_path="best")."""
+        for m, best in enumerate(self.best):
+            if best is not None:
+                net.load_member_state_dict(m, best["state"])
+
+    def metrics(self, m: int) -> dict[str, float]:
+        """early_stopping/* of member m, as reglab.early_stopping.after_stop gives a solo run with after_stop=none."""
+        out = {}
+        score = self.rules[m].best_score
+        if score is not None and torch.isfinite(score):
+            out["early_stopping/best_val_loss"] = float(score)
+        if self.best[m] is not None:
+            out["early_stopping/best_step"] = float(self.best[m]["step"])
+            out["early_stopping/best_epoch"] = float(self.best[m]["epoch"])
+        return out
+
+    # --- checkpoint -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"rules": [r.state_dict() for r in self.rules], "asked": list(self.asked),
+                "stopped": {m: dict(s) for m, s in self.stopped.items()}, "best": list(self.best)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if len(state_dict["rules"]) != len(self.rules):
+            raise ConfigError(f"the checkpoint's early stopping holds {len(state_dict['rules'])} members, this "
+                              f"population has {len(self.rules)}")
+        for rule, state in zip(self.rules, state_dict["rules"]):
+            rule.load_state_dict(state)
+        self.asked = list(state_dict["asked"])
+        self.stopped = {int(m): dict(s) for m, s in state_dict["stopped"].items()}
+        self.best = list(state_dict["best"])
+
+
+def stopped_epochs(path: Path) -> dict[int, int]:
+    """Member -> the epoch it stopped at, in the population checkpoint `path` ({} without one or without early
+    stopping): a stopped member's history reaches that epoch, not the checkpoint's."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (FileNotFoundError, RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError):
+        return {}  # an unreadable file: the lookup says so in one line, unless resume=restart discards it anyway
+    states = (ckpt.get("callbacks") or {}) if isinstance(ckpt, dict) else {}
+    for key, state in states.items():
+        if key.startswith(MemberStopping.__name__ + "{"):
+            return {int(m): int(s["epoch"]) for m, s in state["stopped"].items()}
+    return {}
