@@ -127,7 +127,7 @@ def test_population_auto_trains_what_cannot_be_fused_one_by_one(tmp_path):
 
 def test_the_sweeper_groups_members_and_balances_the_jobs():
     """A width x seed grid is one group split into as many populations as the launcher runs at once, a width's
-    seeds kept together; what cannot share a step (early stopping) stays a job of its own."""
+    seeds kept together; what cannot share a step (early stopping then retraining) stays a job of its own."""
     from omegaconf import OmegaConf
 
     from reglab.population.sweeper import cost, split, why_not
@@ -140,8 +140,9 @@ def test_the_sweeper_groups_members_and_balances_the_jobs():
         assert all((i + 6) % 12 in b for i in b)
     # Longest first: width 256 (cost ~ 2 x 256^2) outweighs all the others together, so it runs alone.
     assert sorted(sorted({widths[i] for i in b}) for b in bins) == [[4, 8, 16, 64, 128], [256]]
-    assert why_not(compose(["callbacks.early_stopping.patience=3"])) == \
-        "early stopping ends each member at its own epoch"
+    assert why_not(compose(["callbacks.early_stopping.patience=3"])) is None  # per member: test_population_stopping
+    assert why_not(compose(["stopping.after_stop=retrain"])) == \
+        "stopping.after_stop=retrain follows each member's early stop with training of its own"
     assert why_not(compose(["callbacks.early_stopping=null", "regularization=[dropout]"])) is None
     assert "l2" in why_not(compose(["callbacks.early_stopping=null", "regularization=[l2]"]))
     assert why_not(compose(["callbacks.early_stopping=null", "regularization=[dropconnect]"])) is None

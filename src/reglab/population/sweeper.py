@@ -45,8 +45,12 @@ def why_not(cfg: DictConfig) -> str | None:
     """What in a member's config (not its model, which reglab.population.fusable checks) keeps it from sharing a
     step with others, or None."""
     callbacks = cfg.get("callbacks") or {}
-    if callbacks.get("early_stopping") is not None:
-        return "early stopping ends each member at its own epoch"
+    if callbacks.get("early_stopping") is not None:  # per member: reglab/population/stopping.py
+        after = (cfg.get("stopping") or {}).get("after_stop") or "none"
+        if after != "none":
+            return f"stopping.after_stop={after} follows each member's early stop with training of its own"
+        if cfg.trainer.get("min_steps") or cfg.trainer.get("val_check_interval", 1.0) not in (None, 1.0):
+            return "with trainer.min_steps or val_check_interval, early stopping can end a member mid-epoch"
     acting = sorted(name for name, node in (cfg.get("regularization") or {}).items()
                     if not str(node.get("_target_", "")).startswith(SLOT_REGULARIZERS))
     if acting:

@@ -1,0 +1,192 @@
+"""Early stopping per member of a population (reglab/population/stopping.py): each member stops at its solo run's
+epoch, its MLflow history ends there, it is tested at its theta*, it is frozen bit for bit after its stop, and a
+population stopped mid-way and run again ends exactly as an uninterrupted one. after_stop=retrain|continue stay solo."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose, with_store
+
+# Digits with noisy labels overfit in a few epochs; batch norm (running statistics are buffers a frozen member must
+# keep) and SGD with momentum (which moves a member whose gradient is zero). Seeds 0-2 stop in epochs 6, 7 and 5.
+BASE = ["data=digits", "data.train_size=200", "data.batch_size=50", "data.label_noise=0.3", "data.val_fraction=0.3",
+        "model.width=64", "model.depth=1", "model.norm=batch", "optim=sgd", "optim.lr=0.1", "optim.momentum=0.9",
+        "trainer.max_epochs=12", "callbacks.early_stopping.patience=2", "callbacks.checkpoint.last_every_s=null",
+        "callbacks.progress=null", "population.mode=on", "logger.experiment=es"]
+SEEDS = (0, 1, 2)
+HISTORY = ("train/loss", "val/loss", "val/err", "params/l2", "train_eval/loss", "test/loss", "test/err")
+
+
+def configs(root: Path, *extra: str):
+    return [compose([*BASE, f"paths.root={root}", f"seed={s}", *extra]) for s in SEEDS]
+
+
+def client_of(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+
+
+def histories(root: Path) -> dict[int, dict[str, list[tuple[int, float]]]]:
+    """seed -> metric -> [(step, value)] of each run in the store under root."""
+    client = client_of(root)
+    exp = client.get_experiment_by_name("es").experiment_id
+    out = {}
+    for r in client.search_runs([exp]):
+        assert r.info.status == "FINISHED"
+        out[int(r.data.params["seed"])] = {k: sorted((m.step, m.value) for m in client.get_metric_history(
+            r.info.run_id, k)) for k in (*HISTORY, "early_stopping/best_epoch", "early_stopping/best_step")}
+    return out
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, empty_store):
+    """Each seed alone (reglab.train.run), then the three as one population, recording each member's weights at the
+    moment it is frozen."""
+    from reglab.population import stopping
+    from reglab.population.train import train_population
+    from reglab.runs.lookup import find_run
+    from reglab.train import run
+
+    root = tmp_path_factory.mktemp("stopping")
+    solo_root, pop_root = with_store(root / "solo", empty_store), with_store(root / "pop", empty_store)
+    solo = [run(c) for c in configs(solo_root)]
+    frozen = {}
+    freeze = stopping.MemberStopping._freeze
+
+    def spy(self, module, m):
+        freeze(self, module, m)
+        frozen[m] = (module.trainer.current_epoch, module.net.member_state_dict(m))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stopping.MemberStopping, "_freeze", spy)
+        pop = train_population(configs(pop_root))
+    pop_last = [weights(find_run(c).ckpt_dir / "last.ckpt") for c in configs(pop_root)]
+    return solo, pop, histories(solo_root), histories(pop_root), frozen, pop_last, pop_root
+
+
+def test_each_member_stops_at_its_solo_runs_epoch_and_is_tested_at_its_theta_star(trained):
+    solo, pop, solo_h, pop_h, *_ = trained
+    stops = [len(solo_h[s]["val/loss"]) for s in SEEDS]
+    assert len(set(stops)) == len(SEEDS) and max(stops) < 12, stops  # each its own stop, all before max_epochs
+    for s, a, b in zip(SEEDS, solo, pop):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (s, key)
+        assert b["early_stopping/best_epoch"] == a["early_stopping/best_epoch"] < len(solo_h[s]["val/loss"]) - 1
+    assert len({round(p["test/loss"], 6) for p in pop}) == len(SEEDS)  # three members, not one copied
+
+
+def test_each_members_mlflow_history_ends_at_its_stop_epoch_as_its_solo_runs(trained):
+    _, _, solo_h, pop_h, *_ = trained
+    for s in SEEDS:
+        stop = len(solo_h[s]["val/loss"]) - 1
+        assert [step for step, _ in solo_h[s]["train/loss"]] == list(range(stop + 1))
+        assert [step for step, _ in pop_h[s]["test/err"]] == [stop + 1]  # the test at theta*, after the last epoch
+        for key in (*HISTORY, "early_stopping/best_epoch", "early_stopping/best_step"):
+            assert [step for step, _ in pop_h[s][key]] == [step for step, _ in solo_h[s][key]], (s, key)
+            for (_, a), (_, b) in zip(solo_h[s][key], pop_h[s][key]):
+                assert b == pytest.approx(a, rel=1e-5, abs=1e-7), (s, key)
+
+
+def test_a_stopped_member_is_frozen_bit_for_bit_while_the_others_train_on(trained):
+    """Its parameters and batch-norm buffers when it stopped are its final ones, although SGD's momentum and the
+    forward passes of the epochs the population trained after it would have moved them."""
+    _, _, solo_h, _, frozen, pop_last, _ = trained
+    last = max(len(solo_h[s]["val/loss"]) for s in SEEDS) - 1
+    assert sorted(frozen) == [0, 1, 2] and min(epoch for epoch, _ in frozen.values()) < last  # others trained on
+    for m, (epoch, state) in frozen.items():
+        final = pop_last[m]
+        assert final.keys() == {f"net.{k}" for k in state} and any("running_mean" in k for k in state)
+        for k, v in state.items():
+            assert torch.equal(final[f"net.{k}"], v), (m, epoch, k)
+
+
+def _sigterm_after_epoch(epoch: int):
+    """A MemberStopping.on_train_epoch_end that sends SIGTERM once `epoch` ends: reglab's Checkpoint then writes
+    last.ckpt and stops the fit (reglab/preemption.py), leaving the runs resumable as a kill would."""
+    from reglab.population import stopping
+
+    original = stopping.MemberStopping.on_train_epoch_end
+
+    def hook(self, trainer, pl_module):
+        original(self, trainer, pl_module)
+        if trainer.current_epoch == epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+def test_a_population_stopped_after_a_members_stop_resumes_to_the_same_result(trained, tmp_path, empty_store):
+    from reglab import preemption
+    from reglab.population import stopping
+    from reglab.population.train import train_population
+
+    _, pop, solo_h, pop_h, *_ = trained
+    stops = {m: len(solo_h[s]["val/loss"]) - 1 for m, s in enumerate(SEEDS)}
+    kill = min(stops.values()) + 1  # one member stopped an epoch before the checkpoint, one in it, one trains on
+    assert sorted(stops.values()) == [kill - 1, kill, kill + 1]
+    root = with_store(tmp_path, empty_store)
+    before = signal.getsignal(signal.SIGTERM)
+    preemption.reset()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(stopping.MemberStopping, "on_train_epoch_end", _sigterm_after_epoch(kill))
+            with pytest.raises(preemption.Preempted):
+                train_population(configs(root))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        preemption.reset()
+    last = next((root / "outputs" / "checkpoints").glob("population-*/last.ckpt"))
+    assert stopping.stopped_epochs(last) == {m: e for m, e in stops.items() if e <= kill}
+    killed = {r.info.run_id for r in client_of(root).search_runs([client_of(root).get_experiment_by_name("es")
+                                                                   .experiment_id])}
+    again = train_population(configs(root))
+    assert again == pop  # exact on the CPU
+    assert histories(root) == pop_h  # every epoch once, the same values, each run FINISHED
+    assert {r.info.run_id for r in client_of(root).search_runs([client_of(root).get_experiment_by_name("es")
+                                                               .experiment_id])} == killed  # continued, not redone
+
+
+def test_why_not_still_refuses_retrain_and_continue_after_early_stopping():
+    from reglab.population.sweeper import why_not
+
+    assert why_not(compose(["callbacks.early_stopping.patience=3"])) is None
+    for after in ("retrain", "continue"):
+        assert why_not(compose(["callbacks.early_stopping.patience=3", f"stopping.after_stop={after}"])) == \
+            f"stopping.after_stop={after} follows each member's early stop with training of its own"
+    # Without early stopping after_stop does nothing (reglab.early_stopping.strategy): nothing to refuse.
+    assert why_not(compose(["callbacks.early_stopping=null", "stopping.after_stop=retrain"])) is None
+    assert "mid-epoch" in why_not(compose(["callbacks.early_stopping.patience=3", "+trainer.min_steps=100"]))
+
+
+def test_the_early_stopping_preset_fuses_its_theta_star_arm_only():
+    from reglab.population.sweeper import why_not
+
+    arms = {arm: why_not(compose(["+exp=early_stopping", f"stopping={arm}"]))
+            for arm in ("final", "best", "retrain", "continue")}
+    assert arms["final"] is None and arms["best"] is None
+    assert arms["retrain"].startswith("stopping.after_stop=retrain") and \
+        arms["continue"].startswith("stopping.after_stop=continue")
+
+
+def test_the_private_earlystopping_members_stopping_py_uses_keep_their_signature():
+    """MemberStopping asks Lightning's own rule per member through EarlyStopping's private methods; this fails,
+    naming the method, the day a Lightning release renames or reshapes one."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    for name, params in {"_evaluate_stopping_criteria": ["current"], "_validate_condition_metric": ["logs"],
+                         "_run_early_stopping_check": ["trainer"]}.items():
+        method = getattr(EarlyStopping, name, None)
+        assert method is not None, f"EarlyStopping.{name} is gone: reglab/population/stopping.py must follow"
+        assert [p for p in inspect.signature(method).parameters if p != "self"] == params, name
