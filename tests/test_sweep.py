@@ -167,3 +167,25 @@ def test_study_presets_sweep_without_dash_m_and_say_what_they_cost(name):
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and "model.width" in cfg.hydra.sweeper.params
     assert cfg.study == name and cfg.report._target_ == "reglab.studies.double_descent.report"
     assert cfg.data.label_noise == 0.15 and cfg.data.test_every_epoch and cfg.callbacks.early_stopping is None
+
+
+def test_grouping_composes_plain_value_jobs_as_hydra_does():
+    """plan() composes one job and sets the others' plain values on a copy (make run's 70 jobs: 5.6 s -> 0.5 s);
+    every job's identity is the one Hydra's own composition gives, also for a config-group override and a new key,
+    which go through Hydra."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.types import RunMode
+
+    from reglab.population.sweeper import sweep_configs
+    from reglab.runs.identity import identity
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(conf))
+    config = loader.load_configuration("train", overrides=["+exp=double_descent_mnist1d"], run_mode=RunMode.MULTIRUN)
+    jobs = [[f"model.width={w}", f"seed={s}", f"data.label_noise={n}", "optim=adam" if w == 8 else "optim=sgd"]
+            + (["+extra_note=x"] if s == 2 else []) for w in (4, 8) for s in (0, 2) for n in (0.1, 0.2)]
+    fast = sweep_configs(config, loader, jobs)
+    full = [loader.load_sweep_config(config, job) for job in jobs]
+    assert [identity(a) for a in fast] == [identity(b) for b in full]
+    assert len({identity(a) for a in fast}) == len(jobs)

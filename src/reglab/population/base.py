@@ -29,9 +29,6 @@ def stack_members(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.detach() for t in tensors])
 
 
-EVAL_LOOP_MACS = 1000 * 128 * 128  # batch x out x in above which evaluation loops over members
-
-
 class StackedLinear(nn.Module):
     """G Linear (or DropConnectLinear) layers: (G, B, in) -> (G, B, out). weight (G, out, in), bias (G, out)."""
 
@@ -55,11 +52,12 @@ class StackedLinear(nn.Module):
             G, out, fan_in = w.shape
             y = F.linear(x, w.reshape(G * out, fan_in), None if b is None else b.reshape(-1))
             return y.view(len(x), G, out).transpose(0, 1)
-        if not torch.is_grad_enabled() and x.shape[1] * w.shape[1] * w.shape[2] >= EVAL_LOOP_MACS:
-            # Evaluation of a large batch through a large layer (a test pass): one GEMM per member ran ~30% faster
-            # than the batched product on a CPU (measured at width 256, batch 1000); training steps (batch 100)
-            # are faster batched at every width.
-            return torch.stack([F.linear(xg, wg, None if b is None else b[g]) for g, (xg, wg) in enumerate(zip(x, w))])
+        if not torch.is_grad_enabled():
+            # Evaluation: y = b + x W^T as (G, B, in) @ (G, in, out), read in place from the strided (G, B, in) view
+            # the layer before leaves (a shared test batch); at batch 1000 this ran 10-25% faster on a CPU than the
+            # transposed product below, or one GEMM per member, from width 64 to 256.
+            wt = w.transpose(1, 2)
+            return torch.bmm(x, wt) if b is None else torch.baddbmm(b.unsqueeze(1), x, wt)
         # Computed transposed, y^T = b + W x^T (G, out, B): the weight gradient dy^T x then comes out (G, out, in),
         # the parameter's own layout, instead of a transposed view that autograd copies into place each step.
         xt = x.transpose(1, 2)

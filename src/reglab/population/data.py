@@ -5,7 +5,7 @@ A member is its solo run's own InMemoryDataModule (built by reglab.train.build_d
 and training subset depend on its seed, its labels on its label noise, so those splits are stacked once:
 x (M, N, *input_shape) in stored dtype, y (M, N). A training batch gathers all members' examples at once,
 
-    x[arange(M)[:, None], idx]          idx (M, B): member m's indices for this batch
+    x[m, idx[m]] for every m            idx (M, B): member m's indices for this batch
 
 where row m of idx comes from member m's own TensorLoader (its seed, the epoch): the order is the solo run's by
 construction, also after a resume. The test split does not move with the seed, so it is kept once and batched
@@ -52,10 +52,14 @@ class PopulationLoader:
     def __iter__(self):
         # (M, N): each member's order for this epoch, drawn once per epoch by its own loader (same formula, seed).
         idx = torch.stack([loader._indices() for loader in self.loaders]).to(self.y.device)
-        rows = torch.arange(len(idx), device=idx.device)[:, None]  # (M, 1), broadcast against (M, B)
+        M, N = idx.shape
+        # Row m*N + i of the flattened (M*N, ...) split is member m's example i: one index_select per batch ran
+        # ~4x faster on a CPU than the two-tensor gather x[arange(M)[:, None], idx] (35 members, batch 100).
+        idx = idx + N * torch.arange(M, device=idx.device)[:, None]
+        x, y = self.x.flatten(0, 1), self.y.flatten()
         for b in range(len(self)):
             i = idx[:, b * self.batch_size : (b + 1) * self.batch_size]
-            yield self.x[rows, i], self.y[rows, i]
+            yield x.index_select(0, i.flatten()).unflatten(0, i.shape), y.index_select(0, i.flatten()).view(i.shape)
 
 
 def _check_fusable(members: list[InMemoryDataModule]) -> None:

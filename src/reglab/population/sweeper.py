@@ -12,11 +12,12 @@ has one), and each population is launched as one job whose `population.members` 
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 MEMBER_KEYS = ("seed", "data.label_noise", "model.width")  # plain values that leave a step's shapes alone
@@ -102,7 +103,7 @@ def plan(config: DictConfig, loader, jobs: list[list[str]], swept: set[str]) -> 
     from reglab.runs.identity import identity
 
     mode(config)  # a wrong value: one line, before anything runs
-    cfgs = [loader.load_sweep_config(config, job) for job in jobs]
+    cfgs = sweep_configs(config, loader, jobs)
     groups: dict[str, list[int]] = {}
     alone: list[int] = []
     for i, cfg in enumerate(cfgs):
@@ -125,6 +126,39 @@ def plan(config: DictConfig, loader, jobs: list[list[str]], swept: set[str]) -> 
             out.append([*common, f"population.members=[{listed}]"])
     log.info("population: %d configurations in %d jobs", len(jobs), len(out))
     return out
+
+
+def sweep_configs(config: DictConfig, loader, jobs: list[list[str]]) -> list[DictConfig]:
+    """Each job's composed config, for grouping (its `hydra` node is the first job's). Composing make run's 70 jobs
+    took 5.6 s, before any trained (0.5 s this way); a job that differs from the first only in plain values
+    of keys the config already holds (seed=3, model.width=64) is the first's config with those values set, which is
+    what Hydra's composition does with such an override."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    first = loader.load_sweep_config(config, jobs[0]) if jobs else None
+    out = []
+    for job in jobs:
+        changed = [o for o in job if o not in jobs[0]]
+        if len(job) != len(jobs[0]) or any(_key(o) != o.split("=", 1)[0] for o in changed):
+            out.append(loader.load_sweep_config(config, job))  # another shape of job (+key, ~key): Hydra composes
+            continue
+        values = {o.key_or_group: o.value() for o in parser.parse_overrides(changed)}
+        if not all(_is_leaf(first, key) and not isinstance(v, (dict, list)) for key, v in values.items()):
+            out.append(loader.load_sweep_config(config, job))  # a config group (model=resnet18) or a new key
+            continue
+        cfg = copy.deepcopy(first)
+        with open_dict(cfg):
+            for key, value in values.items():
+                OmegaConf.update(cfg, key, value, merge=False)
+        out.append(cfg)
+    return out
+
+
+def _is_leaf(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node and not OmegaConf.is_config(node._get_node(leaf))
 
 
 def parallel_jobs(config: DictConfig) -> int:
