@@ -1,4 +1,5 @@
 import pickle
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -60,8 +61,30 @@ def test_mnist1d_generated_offline():
     assert dm.input_shape == (40,) and len(dm.train_y) == 400 and len(dm.test_y) == 200
     assert set(dm.train_y.tolist()) == set(range(10))
     state = np.random.get_state()[1].copy()
-    MNIST1DDataModule(train_samples=100, test_samples=100).setup()
+    MNIST1DDataModule(train_samples=100, test_samples=100, root=None).setup()
     assert (np.random.get_state()[1] == state).all()  # the generator's global reseed is undone
+
+
+def test_mnist1d_is_generated_once_and_read_back_by_later_processes(tmp_path):
+    from reglab.data import mnist1d
+
+    fresh = mnist1d.generate(120, 30, 7)
+    mnist1d.cached.cache_clear()  # as a new process
+    first = mnist1d.cached(120, 30, 7, str(tmp_path))
+    [written] = (tmp_path / "mnist1d").iterdir()
+    assert all(torch.equal(a, b) for a, b in zip(first, fresh)) and written.suffix == ".pt"
+    written.write_bytes(torch.save.__name__.encode())  # now unreadable: must be regenerated, not trusted
+    mnist1d.cached.cache_clear()
+    assert all(torch.equal(a, b) for a, b in zip(mnist1d.cached(120, 30, 7, str(tmp_path)), fresh))
+    mnist1d.cached.cache_clear()
+    with patch.object(mnist1d, "generate", side_effect=AssertionError("regenerated")):
+        again = mnist1d.cached(120, 30, 7, str(tmp_path))  # the rewritten file, not the generator
+    assert all(torch.equal(a, b) for a, b in zip(again, fresh))
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")  # a root that cannot hold folders: the run goes on without the cache
+    mnist1d.cached.cache_clear()
+    assert all(torch.equal(a, b) for a, b in zip(mnist1d.cached(120, 30, 7, str(blocked)), fresh))
+    mnist1d.cached.cache_clear()
 
 
 # --- in-memory loader ---------------------------------------------------------------------------------------------

@@ -2,12 +2,17 @@
 shear, translation and noise; generated offline by the `mnist1d` package's generator, no download.
 
 `train_samples` + `test_samples` signals are generated with the package's fixed data seed (42, independent of the
-run seed); the package already standardizes them to zero mean and unit variance.
+run seed); the package already standardizes them to zero mean and unit variance. Generating 14,000 signals takes
+~3-5 s of scipy interpolation in every process that needs them (each sweep job, each population), so the tensors are
+kept under `root` (default `data/`, as the torchvision datasets) and read back by later processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,21 +24,47 @@ from reglab.errors import ConfigError
 class MNIST1DDataModule(InMemoryDataModule):
     name = "mnist1d"
 
-    def __init__(self, train_samples: int = 4000, test_samples: int = 1000, data_seed: int = 42, **kwargs):
+    def __init__(self, train_samples: int = 4000, test_samples: int = 1000, data_seed: int = 42,
+                 root: str | None = "data", **kwargs):
         super().__init__(**kwargs)
         if train_samples < 10 or test_samples < 10:
             raise ConfigError("data.train_samples and data.test_samples must be >= 10")
         self.train_samples, self.test_samples, self.data_seed = train_samples, test_samples, data_seed
+        self.root = root
 
     def load(self) -> Arrays:
-        x, y, xt, yt = generate(self.train_samples, self.test_samples, self.data_seed)
+        x, y, xt, yt = cached(self.train_samples, self.test_samples, self.data_seed, self.root)
         return Arrays(x, y, xt, yt, 10)
 
 
 @functools.lru_cache(maxsize=2)
+def cached(train_samples: int, test_samples: int, data_seed: int, root: str | None) -> tuple[torch.Tensor, ...]:
+    """generate(...), read from root/mnist1d/ when an earlier process wrote it (root=None: no files). Once per
+    process: a sweep worker or a population builds the same set for every member (the run seed does not enter it).
+    The file is only a cache: one that cannot be read or written is regenerated or skipped."""
+    if root is None:
+        return generate(train_samples, test_samples, data_seed)
+    from importlib.metadata import version
+
+    path = Path(root) / "mnist1d" / f"mnist1d-{version('mnist1d')}-{train_samples}-{test_samples}-{data_seed}.pt"
+    try:
+        return tuple(torch.load(path, weights_only=True))
+    except Exception:  # noqa: BLE001  absent (the usual first time), or corrupt, which torch.load reports as any of
+        pass  # OSError, EOFError, UnpicklingError, RuntimeError, IndexError...: generate it again
+    data = generate(train_samples, test_samples, data_seed)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(list(data), tmp)
+        os.replace(tmp, path)  # atomic: parallel jobs writing the same file leave one whole copy
+    except OSError:  # a read-only or full disk, a root that is a file: the run goes on with the generated tensors
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return data
+
+
 def generate(train_samples: int, test_samples: int, data_seed: int) -> tuple[torch.Tensor, ...]:
-    """(x, y, x_test, y_test), once per process: generating 14,000 signals takes ~7 s of scipy interpolation, and a
-    sweep worker or a population builds the same set for every member (the run seed does not enter it)."""
+    """(x, y, x_test, y_test) from the mnist1d package's generator."""
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()

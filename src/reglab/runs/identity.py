@@ -13,10 +13,11 @@ import json
 
 from omegaconf import DictConfig, OmegaConf
 
-# Observation only. `population` chooses how members are trained together, which leaves each member's numbers as
-# they are alone (to float summation order), so it does not change who the run is either.
-OBSERVATION_KEYS = ("logger", "paths", "callbacks.progress", "hydra", "report", "study", "launcher", "population",
-                    "resume")
+# Observation only. `data.root` says where dataset files are kept, not which data. `population` chooses how members
+# are trained together, which leaves each member's numbers as they are alone (to float summation order), so it does
+# not change who the run is either.
+OBSERVATION_KEYS = ("logger", "paths", "data.root", "callbacks.progress", "hydra", "report", "study", "launcher",
+                    "population", "resume")
 
 
 def _drop(container: dict, dotted: str) -> None:
