@@ -120,6 +120,22 @@ def test_the_grid_is_the_one_hydra_expands_and_labels_name_the_swept_keys():
     assert sorted(m.label for m in sweep.members.values())[:2] == ["model.width=16 seed=0", "model.width=16 seed=1"]
 
 
+def test_a_tuning_sweep_labels_its_trials_by_the_search_space():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["+exp=tune_regularization"], return_hydra_config=True)
+    members, swept = progress.grid(cfg)  # Optuna chooses as it goes: no members known ahead, only their keys
+    assert members is None and swept == ["regularization.l2.strength", "regularization.dropout.keep_prob", "seed"]
+    sweep = Sweep(members, swept, 10, 0.0)
+    trial = ["+exp=tune_regularization", "data.train_size=300", "regularization.l2.strength=0.0031",
+             "regularization.dropout.keep_prob=0.42", "seed=0"]
+    sweep.apply({"ev": "job", "job": 0, "t": 1.0, "members": [trial]})
+    lines = sweep.apply({"ev": "end", "job": 0, "t": 5.0, "metrics": {"test/err": 0.25}, "error": None})
+    assert lines == ["regularization.l2.strength=0.0031 regularization.dropout.keep_prob=0.42 seed=0  "
+                     "test/err=0.2500  4s  [1/?]"]
+
+
 def test_the_last_line_has_the_studys_headline_from_its_parent_run():
     parent = SimpleNamespace(data=SimpleNamespace(tags={"study": "dd"}, metrics={
         "summary/peak_width": 48.0, "summary/peak_minus_first_min": 0.0532, "summary/peak_minus_first_min_se": 0.008,

@@ -167,15 +167,18 @@ def _finite(metrics: dict[str, float] | None) -> dict[str, float] | None:
 # ------------------------------------------------------------------ in the launching process
 
 
-def grid(config: Any) -> tuple[list[list[str]], list[str]] | None:
+def grid(config: Any) -> tuple[list[list[str]] | None, list[str]] | None:
     """(every member's overrides, the swept keys) as Hydra's basic sweeper expands them (the population sweeper
-    expands the same grid before it merges members into jobs); None for a sweeper that chooses as it goes."""
+    expands the same grid before it merges members into jobs); for the Optuna sweeper, which chooses members as it
+    goes, (None, its search space's keys and the seed); None for another sweeper."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
     target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    if target.endswith("OptunaSweeper"):  # trials, then the best and the preset's values with other seeds
+        return None, [*(OmegaConf.select(config, "hydra.sweeper.params") or {}), "seed"]
     if not target.endswith(("PopulationSweeper", "BasicSweeper")):
         return None
     params = [f"{k}={v}" for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()]
