@@ -30,6 +30,43 @@ def tmp_root(tmp_path, monkeypatch):
     return tmp_path
 
 
+def weights(ckpt: Path) -> dict:
+    """A checkpoint's state_dict, on the CPU."""
+    import torch
+
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def solo_and_population(root: Path, base: list[str], members: list[list[str]]):
+    """Each member (overrides added to `base`) trained alone by reglab.train.run, then all of them as one population:
+    (solo metrics, population metrics, solo weights, population weights), per member."""
+    from reglab.population.train import train_population
+    from reglab.runs.lookup import find_run
+    from reglab.train import run
+
+    solo_cfgs = [compose([*base, f"paths.root={root / 'solo'}", *m]) for m in members]
+    pop_cfgs = [compose([*base, f"paths.root={root / 'pop'}", *m]) for m in members]
+    solo = [run(c) for c in solo_cfgs]
+    pop = train_population(pop_cfgs)
+    solo_w = [weights(find_run(c).ckpt_dir / "last.ckpt") for c in solo_cfgs]
+    pop_w = [weights(find_run(c).ckpt_dir / "last.ckpt") for c in pop_cfgs]
+    return solo, pop, solo_w, pop_w
+
+
+def assert_members_match(solo, pop, solo_w, pop_w, rtol=1e-5):
+    """Every final metric of each member (train, val, test, params/*, train/penalty/*, train_eval/*) and every tensor
+    of its last.ckpt within rtol of its solo run's."""
+    import torch
+
+    for s, p, sw, pw in zip(solo, pop, solo_w, pop_w):
+        assert p.keys() == s.keys()
+        for key in s:
+            assert p[key] == pytest.approx(s[key], rel=rtol, abs=1e-6), key
+        assert sw.keys() == pw.keys()
+        for k in sw:
+            torch.testing.assert_close(pw[k].float(), sw[k].float(), rtol=rtol, atol=1e-6, msg=k)
+
+
 def quick(tmp_root: Path, *overrides: str) -> list[str]:
     """Overrides for a fast CPU run writing under tmp_root (no MLflow unless asked: logger=mlflow)."""
     return [f"paths.root={tmp_root}", "logger=none", "trainer.max_epochs=2", *overrides]

@@ -5,11 +5,9 @@ tests/test_population_data.py; a population sweep killed and resumed through the
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import compose
+from conftest import assert_members_match, compose, solo_and_population
 
 from reglab.errors import ConfigError
 
@@ -20,35 +18,6 @@ MLP_BASE = ["data=digits", "data.train_size=256", "data.batch_size=32", "data.la
 RESNET_BASE = ["data=digits", "data.train_size=128", "data.batch_size=32", "model=resnet18", "model.width=2",
                "optim=sgd", "optim.lr=0.05", "callbacks.early_stopping=null", "logger=none", "trainer.max_epochs=2",
                "population.mode=on"]
-
-
-def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-
-
-def solo_and_population(root: Path, base: list[str], members: list[list[str]]):
-    """(solo metrics, population metrics, solo weights, population weights) per member."""
-    from reglab.population.train import train_population
-    from reglab.runs.lookup import find_run
-    from reglab.train import run
-
-    solo_cfgs = [compose([*base, f"paths.root={root / 'solo'}", *m]) for m in members]
-    pop_cfgs = [compose([*base, f"paths.root={root / 'pop'}", *m]) for m in members]
-    solo = [run(c) for c in solo_cfgs]
-    pop = train_population(pop_cfgs)
-    solo_w = [weights(find_run(c).ckpt_dir / "last.ckpt") for c in solo_cfgs]
-    pop_w = [weights(find_run(c).ckpt_dir / "last.ckpt") for c in pop_cfgs]
-    return solo, pop, solo_w, pop_w
-
-
-def assert_members_match(solo, pop, solo_w, pop_w, rtol=1e-5):
-    for s, p, sw, pw in zip(solo, pop, solo_w, pop_w):
-        for key in ("train/loss", "val/loss", "test/loss", "test/err", "params/l2", "train_eval/loss",
-                    "train_eval/err"):
-            assert p[key] == pytest.approx(s[key], rel=rtol, abs=1e-6), key
-        assert sw.keys() == pw.keys()
-        for k in sw:
-            torch.testing.assert_close(pw[k].float(), sw[k].float(), rtol=rtol, atol=1e-6, msg=k)
 
 
 def test_each_mlp_member_ends_where_its_solo_run_ends(tmp_path):
@@ -144,7 +113,8 @@ def test_the_sweeper_groups_members_and_balances_the_jobs():
     assert why_not(compose(["stopping.after_stop=retrain"])) == \
         "stopping.after_stop=retrain follows each member's early stop with training of its own"
     assert why_not(compose(["callbacks.early_stopping=null", "regularization=[dropout]"])) is None
-    assert "l2" in why_not(compose(["callbacks.early_stopping=null", "regularization=[l2]"]))
+    # Penalties are applied per member now; what is still refused: tests/test_population_penalties.py
+    assert why_not(compose(["callbacks.early_stopping=null", "regularization=[l2]"])) is None
     assert why_not(compose(["callbacks.early_stopping=null", "regularization=[dropconnect]"])) is None
     assert "inference=gaussian" in why_not(compose(["callbacks.early_stopping=null", "regularization=[dropconnect]",
                                                     "regularization.dropconnect.inference=gaussian"]))

@@ -127,7 +127,7 @@ def test_l2_tuned_curve_takes_the_best_decay_per_width():
 # --- the presets: their grids, runs, jobs and fusing are what their headers say ------------------------------------
 PRESETS = {"double_descent_noise": ("report_noise", "model.width", "data.label_noise", None),
            "double_descent_samplewise": ("report_samplewise", "data.train_size", "model.width", "data.train_size"),
-           "double_descent_l2": ("report_l2", "model.width", "optim.weight_decay", "optim.weight_decay")}
+           "double_descent_l2": ("report_l2", "model.width", "optim.weight_decay", None)}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

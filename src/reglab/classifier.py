@@ -153,13 +153,14 @@ class Classifier(L.LightningModule):
         if stage == "train":  # params/zero_frac, params/l1, params/l2 of the weights
             if self.members is None:
                 metrics.update(weight_stats(self.net))
-                # train/<regularizer>/<key>: what a regularizer measured this epoch (max-norm's clipped_frac)
-                metrics.update({f"train/{name}/{key}": value for name, reg in self.regularizers.items()
-                                for key, value in reg.epoch_metrics().items()})
             else:
                 stats = [tensor_stats([v for v in self.net.member_state_dict(m).values() if v.dim() >= 2])
                          for m in range(self.members)]
                 metrics.update({k: torch.stack([st[k] for st in stats]) for k in stats[0]})
+            # train/<regularizer>/<key>: what a regularizer measured this epoch (max-norm's clipped_frac; (M,) for a
+            # population)
+            metrics.update({f"train/{name}/{key}": value for name, reg in self.regularizers.items()
+                            for key, value in reg.epoch_metrics().items()})
         epoch = self.current_epoch
         table = torch.stack([v.float() for v in metrics.values()]).tolist()  # one sync; rows: metrics
         if self.members is None:
@@ -248,6 +249,7 @@ class Classifier(L.LightningModule):
         loss, _ = self._step("train", batch)
         if self.check_finite == "step" or (self.check_finite == "auto" and loss.device.type == "cpu"):
             self._check_finite(loss, "train/loss", f"at epoch {self.current_epoch}, step {self.global_step}")
+        alive = None
         if self.members is not None:
             # The sum of the members' mean losses: d(sum)/d(theta_m) = dL_m/d(theta_m), so each member gets exactly
             # its own gradient (and, under SGD/Adam/AdamW, which are elementwise, its own update).
@@ -259,12 +261,14 @@ class Classifier(L.LightningModule):
         total = loss
         penalties = {}
         for name, reg in self.regularizers.items():
-            p = reg.penalty(self.net)
+            p = reg.penalty(self.net)  # a population's: (M,), each member's own, summed as the losses are
             if p is not None:
-                total = total + p
                 penalties[f"penalty/{name}"] = p.detach()
+                if alive is not None:
+                    p = torch.where(alive, p, torch.zeros_like(p))
+                total = total + p.sum()
         if penalties:
-            penalties["steps"] = torch.ones((), device=loss.device)
+            penalties["steps"] = torch.ones_like(next(iter(penalties.values())))  # () or (M,), as the penalties
             self._accumulate("train", penalties)
         return total
 
@@ -272,11 +276,16 @@ class Classifier(L.LightningModule):
         for reg in self.regularizers.values():
             reg.before_step(self.net, optimizer)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        optimizer.step(closure=optimizer_closure)
+        # Here rather than in on_train_batch_end, which callbacks get first: a population's early stopping puts a
+        # stopped member's weights back there (population/stopping.py), and a projection after that would move them.
         if self.regularizers:
             optimizer = self.optimizers(use_pl_optimizer=False)
             for reg in self.regularizers.values():
                 reg.after_step(self.net, optimizer)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.averaging is not None and self.averaging.due(
                 self.current_epoch, self.trainer.max_epochs or 1, batch_idx + 1 == self.trainer.num_training_batches):
             self.averaged.update_parameters(self.net)

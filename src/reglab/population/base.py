@@ -177,6 +177,7 @@ class Population(nn.Module):
         # The solo modules, not registered (their tensors are not this module's state): member_nets() copies the
         # current weights back into them.
         self._nets = list(nets)
+        self._member_index: dict[tuple[int, torch.device], torch.Tensor] = {}  # member_index's, per tensor and device
 
     def _locate(self, m: int) -> tuple[nn.Module, int]:
         """(fused module whose state_dict keys are the solo net's, member m's index in its tensors), 0 <= m < M."""
@@ -186,6 +187,22 @@ class Population(nn.Module):
         if not -self.members <= m < self.members:
             raise IndexError(f"member {m} out of range: the population has {self.members}")
         return self._locate(m % self.members)
+
+    def member_index(self, p: torch.Tensor) -> torch.Tensor:
+        """(G,) on p's device: the member that row p[i] of one of this population's parameters or buffers belongs
+        to, so that per-row values become per-member ones by `index_add` (a penalty, max-norm's count) and per-member
+        values reach their rows by indexing (a strength)."""
+        key = (id(p), p.device)
+        if key not in self._member_index:
+            rows: dict[int, int] = {}
+            for m in range(self.members):
+                module, i = self._locate(m)
+                if any(t is p for t in module.state_dict(keep_vars=True).values()):
+                    rows[i] = m
+            if sorted(rows) != list(range(len(p))):
+                raise ValueError(f"a tensor of shape {tuple(p.shape)} is not one of this population's fused tensors")
+            self._member_index[key] = torch.tensor([rows[i] for i in range(len(p))], device=p.device)
+        return self._member_index[key]
 
     def member_state_dict(self, m: int) -> dict[str, torch.Tensor]:
         module, i = self._member(m)

@@ -3,7 +3,8 @@
 The Hydra sweeper `hydra_plugins.reglab_population.population_sweeper.PopulationSweeper` is Hydra's basic sweeper
 (the grid; the launcher, joblib, GPU slots or SLURM, places the jobs as before) with `plan` added when
 `population.mode` is auto or on: the grid's configurations are grouped
-by `identity(cfg, without=MEMBER_KEYS)` (equal but for seed, label noise and, for MLPs, width), each group is split
+by `identity(cfg, without=member_keys(cfg))` (equal but for seed, label noise, optim.weight_decay, the strengths of
+penalties and step hooks and, for MLPs, width), each group is split
 into `population.jobs` populations of about equal cost (auto: as many as the launcher runs at once, so every worker
 has one), and each population is launched as one job whose `population.members` lists its members' overrides
 (reglab/population/train.py trains it). Configurations alone in their group, or that cannot share a step
@@ -20,9 +21,32 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
-MEMBER_KEYS = ("seed", "data.label_noise", "model.width")  # plain values that leave a step's shapes alone
+# Plain values that leave a step's shapes alone. optim.weight_decay: a population whose members differ in it gives
+# each its own through a hook, the optimizer's own set to 0 (reglab/population/train.py).
+MEMBER_KEYS = ("seed", "data.label_noise", "model.width", "optim.weight_decay")
 # The regularizers that only put modules into the model's slots (dropout family): the fused model carries them.
 SLOT_REGULARIZERS = ("reglab.regularization.dropout.",)
+# Regularizers the population's Classifier applies to each member as its solo run does (a penalty per member, the
+# step hooks per row: reglab/regularization/penalties.py; label smoothing per member's loss), with the values members
+# may differ in.
+PENALTIES = "reglab.regularization.penalties."
+STEP_REGULARIZERS = {PENALTIES + "L1": ("strength",), PENALTIES + "L2": ("strength",),
+                     PENALTIES + "ElasticNet": ("l1_strength", "l2_strength"), PENALTIES + "WeightDecay": ("strength",),
+                     PENALTIES + "L1Proximal": ("strength",), PENALTIES + "MaxNorm": ("max_norm",),
+                     "reglab.regularization.smoothing.LabelSmoothing": ()}
+# What keeps the others one job per member, one line each.
+REFUSED = {
+    "reglab.regularization.mixing.MixUpRegularizer": "mixes each batch with one lam and pairing drawn per step; a "
+    "population's stacked batch would need one per member",
+    "reglab.regularization.mixing.CutMixRegularizer": "mixes each batch with one box and pairing drawn per step; a "
+    "population's stacked batch would need one per member",
+    "reglab.regularization.averaging.EMA": "the average evaluated in place of the weights is not kept per member "
+    "(a member's checkpoint, theta* and train_eval hold its raw weights)",
+    "reglab.regularization.averaging.SWA": "the average evaluated in place of the weights is not kept per member, "
+    "and update_bn resets torch's BatchNorm layers, not a population's stacked ones",
+    "reglab.regularization.stochastic_depth.StochasticDepthRegularizer": "drops a sample's residual branch, and a "
+    "population's members share their samples' draws",
+}
 
 
 MODES = ("off", "auto", "on")
@@ -52,10 +76,13 @@ def why_not(cfg: DictConfig) -> str | None:
             return f"stopping.after_stop={after} follows each member's early stop with training of its own"
         if cfg.trainer.get("min_steps") or cfg.trainer.get("val_check_interval", 1.0) not in (None, 1.0):
             return "with trainer.min_steps or val_check_interval, early stopping can end a member mid-epoch"
-    acting = sorted(name for name, node in (cfg.get("regularization") or {}).items()
-                    if not str(node.get("_target_", "")).startswith(SLOT_REGULARIZERS))
-    if acting:
-        return f"regularization {acting} acts on the training step (only the dropout family is fused)"
+    refused = []
+    for name, node in (cfg.get("regularization") or {}).items():
+        target = str(node.get("_target_", ""))
+        if not target.startswith(SLOT_REGULARIZERS) and target not in STEP_REGULARIZERS:
+            refused.append(f"regularization.{name} {REFUSED.get(target, 'acts on the training step (not fused)')}")
+    if refused:
+        return "; ".join(refused)
     for name, node in (cfg.get("regularization") or {}).items():
         if str(node.get("_target_", "")).endswith(".DropConnectRegularizer"):
             chosen = (node.get("mask", "per_batch"), node.get("inference", "mean"))
@@ -70,10 +97,13 @@ def why_not(cfg: DictConfig) -> str | None:
 
 
 def member_keys(cfg: DictConfig) -> tuple[str, ...]:
+    """The keys members of one population may differ in: MEMBER_KEYS and its regularizers' STEP_REGULARIZERS values."""
+    values = tuple(f"regularization.{name}.{key}" for name, node in (cfg.get("regularization") or {}).items()
+                   for key in STEP_REGULARIZERS.get(str(node.get("_target_", "")), ()))
     # ResNet18 members of other widths would need other kernels: only equal widths are stacked (groups = members).
     if str(cfg.model.get("_target_", "")).endswith("MLP"):
-        return MEMBER_KEYS
-    return tuple(k for k in MEMBER_KEYS if k != "model.width")
+        return MEMBER_KEYS + values
+    return tuple(k for k in MEMBER_KEYS if k != "model.width") + values
 
 
 def cost(cfg: DictConfig) -> float:

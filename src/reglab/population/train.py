@@ -5,7 +5,8 @@ child run, params, per-epoch metrics and final test metrics: a study's report ca
 is train.run's, per member where a member has its own:
 
 look up every member (done ones drop out) -> per member: seed, data, model -> fuse -> one Classifier over the
-population -> one RunLogger per member -> Trainer (a checkpoint of the whole population; with early stopping, each
+population, with the members' penalties and step hooks, each member's strength its own (`step_regularizers`) -> one
+RunLogger per member -> Trainer (a checkpoint of the whole population; with early stopping, each
 member stops at its own epoch: population/stopping.py) -> fit -> each member's training split in evaluation mode
 (train_eval/{loss,err}) -> test (with early stopping, each member at its theta*) -> each member's weights into its
 own checkpoint folder.
@@ -37,7 +38,9 @@ from reglab.errors import ConfigError, DivergenceError
 from reglab.population import fusable, fuse
 from reglab.population.data import PopulationDataModule
 from reglab.population.stopping import MemberStopping, stopped_epochs
-from reglab.population.sweeper import mode, why_not
+from reglab.population.sweeper import SLOT_REGULARIZERS, STEP_REGULARIZERS, mode, why_not
+from reglab.regularization.base import Regularizer
+from reglab.regularization.penalties import CoupledWeightDecay, WeightDecay
 from reglab.runs.identity import identity, without_hydra
 from reglab.runs.logger import build_logger
 from reglab.runs.lookup import discard, find_run
@@ -54,6 +57,30 @@ def member_configs(cfg: DictConfig) -> list[DictConfig]:
         for o in parser.parse_overrides(str(member).split()):
             OmegaConf.update(c, o.key_or_group.lstrip("+"), o.value(), merge=False, force_add=True)
         out.append(c)
+    return out
+
+
+def step_regularizers(cfgs: list[DictConfig]) -> dict[str, Regularizer]:
+    """The regularizers the population's Classifier applies (the dropout family is in the members' models already),
+    built from the members' configs: a value the members differ in (their strengths, sweeper.STEP_REGULARIZERS)
+    becomes one per member. Members that differ in optim.weight_decay get it from a last hook, each its own: AdamW's
+    decoupled w <- (1 - lr*wd) w as WeightDecay, SGD's and Adam's g <- g + wd*w as CoupledWeightDecay; the caller
+    then builds the optimizer without decay."""
+    out = {}
+    for name, node in (cfgs[0].get("regularization") or {}).items():
+        if node._target_.startswith(SLOT_REGULARIZERS):
+            continue
+        args = {}
+        for key in node:
+            values = [c.regularization[name][key] for c in cfgs]
+            differ = any(v != values[0] for v in values)
+            if differ and key not in STEP_REGULARIZERS.get(node._target_, ()):
+                raise ConfigError(f"regularization.{name}.{key}: members of one population differ in it")
+            args[key] = values if differ else values[0]
+        out[name] = train.build(OmegaConf.create({**args, "_convert_": "all"}), f"regularization.{name}")
+    decays = [c.optim.get("weight_decay") or 0.0 for c in cfgs]
+    if any(d != decays[0] for d in decays):
+        out["optim.weight_decay"] = (WeightDecay if cfgs[0].optim.name == "adamw" else CoupledWeightDecay)(decays)
     return out
 
 
@@ -104,7 +131,11 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
         print(f"population: {reason}; training the {len(cfgs)} members one by one", file=sys.stderr)
         return [train.run(c) for c in cfgs]
     data = PopulationDataModule(dms)
-    module = Classifier(fuse(nets, dms[0].input_shape), optim=OmegaConf.to_container(lead.optim, resolve=True))
+    regularizers = step_regularizers(cfgs)
+    optim = OmegaConf.to_container(lead.optim, resolve=True)
+    if "optim.weight_decay" in regularizers:
+        optim["weight_decay"] = 0.0
+    module = Classifier(fuse(nets, dms[0].input_shape), optim=optim, regularizers=regularizers)
     if resume:
         module.check_checkpoint(str(last))
     performance.apply(lead.get("performance"), lead.trainer, module.net)

@@ -7,9 +7,17 @@ smoother, it only limits what the layer can represent.
 
 Strengths are per-sample-loss units: the Classifier's loss is the *mean* cross-entropy over the batch, so
 L(theta) = 1/N sum_i loss_i + lambda * ||theta||, exactly the lecture's form.
+
+On a population (reglab/population/: every tensor (G, *solo_shape), row i member `net.member_index(p)[i]`) the same
+classes act per member: a penalty is (M,), member m's own value, whose sum the Classifier adds to the loss (so member m
+gets exactly its own gradient); the step hooks are elementwise, or per row where they reduce (max-norm); and a strength
+may be one value per member (a sequence in the config, a float64 (M,) tensor here), reaching each row in the tensor's
+dtype as the solo run's float does.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -51,18 +59,57 @@ def tensor_stats(params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"params/zero_frac": zeros.float() / count, "params/l1": l1, "params/l2": l2}
 
 
-def _check_strength(key: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"{key}={value!r} must be a number >= 0")
+def _check_strength(key: str, value, minimum: float = 0.0, strict: bool = False) -> float | torch.Tensor:
+    """A number >= minimum (> with strict), or one per population member: a float64 (M,) tensor."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return torch.tensor([_check_strength(key, v, minimum, strict) for v in value], dtype=torch.float64)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum or \
+            (strict and value == minimum):
+        raise ConfigError(f"{key}={value!r} must be a number {'>' if strict else '>='} {minimum:g}")
     return float(value)
 
 
-def _l1(params: list[torch.Tensor]) -> torch.Tensor:
-    return sum(p.abs().sum() for p in params)
+def _members(net: nn.Module) -> int | None:
+    return getattr(net, "members", None)
 
 
-def _sq_l2(params: list[torch.Tensor]) -> torch.Tensor:
-    return sum(p.pow(2).sum() for p in params)
+def per_member(net: nn.Module, p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Values over p's elements or rows, summed: () for a solo net; (M,), member m's sum, for a population."""
+    members = _members(net)
+    if members is None:
+        return values.sum()
+    rows = values.flatten(1).sum(1) if values.dim() > 1 else values  # (G,)
+    return rows.new_zeros(members).index_add(0, net.member_index(p), rows)
+
+
+def per_row(value: float | torch.Tensor, net: nn.Module, p: torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
+    """A float as it is; a per-member (M,) tensor as each row of p takes it: (G, 1, ...) broadcasting against `like`
+    (p, or a per-unit (G, out)), in p's dtype (the float32 a solo run's Python float becomes in the op)."""
+    if not torch.is_tensor(value):
+        return value
+    members = _members(net)
+    if members != len(value):
+        raise ValueError(f"{len(value)} values, one per member, need a population of as many; this net has "
+                         f"{'no members' if members is None else f'{members} members'}")
+    rows = value.to(p.device)[net.member_index(p)].to(p.dtype)
+    return rows.view(-1, *[1] * (like.dim() - 1))
+
+
+def _scaled(strength: float | torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """strength * a penalty: () solo, (M,) population; a per-member strength in the penalty's dtype."""
+    if torch.is_tensor(strength):
+        if value.dim() != 1 or len(value) != len(strength):
+            raise ValueError(f"{len(strength)} strengths, one per member, need a population of as many")
+        strength = strength.to(value.device, value.dtype)
+    return strength * value
+
+
+def _l1(net: nn.Module, params: list[torch.Tensor]) -> torch.Tensor:
+    return sum(per_member(net, p, p.abs()) for p in params)
+
+
+def _sq_l2(net: nn.Module, params: list[torch.Tensor]) -> torch.Tensor:
+    return sum(per_member(net, p, p.pow(2)) for p in params)
 
 
 def _lr_of(optimizer: torch.optim.Optimizer) -> dict[int, float]:
@@ -80,7 +127,7 @@ class L1(Regularizer):
         self.include_bias = include_bias
 
     def penalty(self, net: nn.Module) -> torch.Tensor:
-        return self.strength * _l1(penalized_parameters(net, self.include_bias))
+        return _scaled(self.strength, _l1(net, penalized_parameters(net, self.include_bias)))
 
 
 class L1Proximal(Regularizer):
@@ -98,7 +145,7 @@ class L1Proximal(Regularizer):
     def after_step(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         lr = _lr_of(optimizer)
         for p in penalized_parameters(net, self.include_bias):
-            p.copy_(soft_threshold(p, lr[id(p)] * self.strength))
+            p.copy_(soft_threshold(p, per_row(lr[id(p)] * self.strength, net, p, p)))
 
 
 class L2(Regularizer):
@@ -112,7 +159,7 @@ class L2(Regularizer):
         self.include_bias = include_bias
 
     def penalty(self, net: nn.Module) -> torch.Tensor:
-        return self.strength * _sq_l2(penalized_parameters(net, self.include_bias))
+        return _scaled(self.strength, _sq_l2(net, penalized_parameters(net, self.include_bias)))
 
 
 class WeightDecay(Regularizer):
@@ -129,7 +176,29 @@ class WeightDecay(Regularizer):
     def before_step(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         lr = _lr_of(optimizer)
         for p in penalized_parameters(net, self.include_bias):
-            p.mul_(1.0 - lr[id(p)] * self.strength)
+            p.mul_(per_row(1.0 - lr[id(p)] * self.strength, net, p, p))
+
+
+class CoupledWeightDecay(Regularizer):
+    """The weight decay of torch.optim.SGD and Adam (`optim.weight_decay`) as a hook: before the step
+    g <- g + lambda * w on the matrices (the Classifier's decay rule), the gradient of the L2 penalty
+    lambda/2 ||W||^2. A population whose members differ in optim.weight_decay builds its optimizer without decay and
+    gives each member its own through this (and AdamW's, decoupled, through `WeightDecay`); applied after the other
+    regularizers' before_step, where the optimizer's own would come."""
+
+    def __init__(self, strength: float = 0.0):
+        self.strength = _check_strength("optim.weight_decay", strength)
+
+    @torch.no_grad()
+    def before_step(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        for p in penalized_parameters(net):
+            if p.grad is None:
+                continue
+            decay = per_row(self.strength, net, p, p)
+            if torch.is_tensor(decay):
+                p.grad.addcmul_(p, decay)  # the same float32 values as add_(p, alpha=...) (one rounding per element)
+            else:
+                p.grad.add_(p, alpha=decay)
 
 
 class ElasticNet(Regularizer):
@@ -143,27 +212,24 @@ class ElasticNet(Regularizer):
 
     def penalty(self, net: nn.Module) -> torch.Tensor:
         params = penalized_parameters(net, self.include_bias)
-        return self.l1_strength * _l1(params) + self.l2_strength * _sq_l2(params)
+        return _scaled(self.l1_strength, _l1(net, params)) + _scaled(self.l2_strength, _sq_l2(net, params))
 
 
-def output_layer(net: nn.Module) -> nn.Module | None:
-    """The layer that computes the outputs: `net.head` in reglab's models, else the last module that holds a weight
-    matrix or kernel of its own."""
-    head = getattr(net, "head", None)
-    if isinstance(head, nn.Module):
-        return head
-    last = None
-    for module in net.modules():
-        if any(is_matrix(p, net) for p in module.parameters(recurse=False)):
-            last = module
-    return last
+def output_layers(net: nn.Module) -> list[nn.Module]:
+    """The layers that compute the outputs: the modules named `head` in reglab's models (one per width group in a
+    PopulationMLP, whose groups keep the solo net's names), else the last module that holds a weight matrix or
+    kernel of its own."""
+    heads = [module for name, module in net.named_modules() if name.rpartition(".")[2] == "head"]
+    if heads:
+        return heads
+    last = [module for module in net.modules() if any(is_matrix(p, net) for p in module.parameters(recurse=False))]
+    return last[-1:]
 
 
 def hidden_unit_weights(net: nn.Module) -> list[nn.Parameter]:
     """Each hidden unit's incoming weights: the penalized tensors (rows of a Linear weight (out, in), output
-    channels of a kernel (out, in, kh, kw)) except the output layer's."""
-    out = output_layer(net)
-    skip = {id(p) for p in out.parameters()} if out is not None else set()
+    channels of a kernel (out, in, kh, kw); in a population (G, out, ...)) except the output layers'."""
+    skip = {id(p) for out in output_layers(net) for p in out.parameters()}
     return [p for p in penalized_parameters(net) if id(p) not in skip]
 
 
@@ -173,29 +239,30 @@ class MaxNorm(Regularizer):
     onto the ball ||w||_2 <= c. A unit is a row of a hidden Linear weight (out, in) or an output channel of a conv
     kernel (out, in, kh, kw); the output layer (the head) is not constrained, nor are biases. `epoch_metrics`:
     `clipped_frac`, the fraction of hidden rows that were outside the ball and projected, averaged over the epoch's
-    steps (logged as train/<name>/clipped_frac): 0 means the constraint never bound."""
+    steps (logged as train/<name>/clipped_frac): 0 means the constraint never bound. On a population each member's
+    units are its own rows (the norm over the solo dims only) and clipped_frac is (M,), each member's own."""
 
     def __init__(self, max_norm: float = 0.6):  # the catalogue's c: conf/regularization/max_norm.yaml says why
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
-            raise ConfigError(f"max_norm={max_norm!r} must be a number > 0")
-        self.max_norm = float(max_norm)
+        self.max_norm = _check_strength("max_norm", max_norm, strict=True)
         self._clipped: torch.Tensor | None = None  # rows projected, summed over the steps since epoch_metrics
-        self._rows = 0  # rows seen in those steps
+        self._rows: torch.Tensor | None = None  # rows seen in those steps
 
     @torch.no_grad()
     def after_step(self, net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         for p in hidden_unit_weights(net):
-            norms = p.flatten(1).norm(dim=1)  # (out,)
-            over = norms > self.max_norm
-            scale = torch.where(over, self.max_norm / norms, torch.ones_like(norms))
-            p.mul_(scale.view(-1, *([1] * (p.dim() - 1))))
-            clipped = over.sum()
+            norms = p.flatten(getattr(net, "member_dims", 0) + 1).norm(dim=-1)  # (out,), or (G, out) stacked
+            c = per_row(self.max_norm, net, p, norms)
+            over = norms > c
+            scale = torch.where(over, c / norms, torch.ones_like(norms))
+            p.mul_(scale.view(*norms.shape, *[1] * (p.dim() - norms.dim())))
+            clipped = per_member(net, p, over.long())
+            rows = per_member(net, p, torch.ones_like(over, dtype=torch.long))
             self._clipped = clipped if self._clipped is None else self._clipped + clipped
-            self._rows += len(norms)
+            self._rows = rows if self._rows is None else self._rows + rows
 
     def epoch_metrics(self) -> dict[str, torch.Tensor]:
-        if not self._rows:
+        if self._rows is None:
             return {}
         frac = self._clipped.float() / self._rows
-        self._clipped, self._rows = None, 0
+        self._clipped, self._rows = None, None
         return {"clipped_frac": frac}
