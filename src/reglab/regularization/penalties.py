@@ -91,7 +91,8 @@ def per_row(value: float | torch.Tensor, net: nn.Module, p: torch.Tensor, like: 
     if members != len(value):
         raise ValueError(f"{len(value)} values, one per member, need a population of as many; this net has "
                          f"{'no members' if members is None else f'{members} members'}")
-    rows = value.to(p.device)[net.member_index(p)].to(p.dtype)
+    # non_blocking: from pageable memory the copy is staged at once, with no wait for the device's queued work
+    rows = value.to(p.device, non_blocking=True)[net.member_index(p)].to(p.dtype)
     return rows.view(-1, *[1] * (like.dim() - 1))
 
 
@@ -100,7 +101,7 @@ def _scaled(strength: float | torch.Tensor, value: torch.Tensor) -> torch.Tensor
     if torch.is_tensor(strength):
         if value.dim() != 1 or len(value) != len(strength):
             raise ValueError(f"{len(strength)} strengths, one per member, need a population of as many")
-        strength = strength.to(value.device, value.dtype)
+        strength = strength.to(value.device, value.dtype, non_blocking=True)
     return strength * value
 
 
