@@ -197,7 +197,7 @@ class CoupledWeightDecay(Regularizer):
                 continue
             decay = per_row(self.strength, net, p, p)
             if torch.is_tensor(decay):
-                p.grad.addcmul_(p, decay)  # the same float32 values as add_(p, alpha=...) (one rounding per element)
+                p.grad.addcmul_(p, decay)  # on a CPU bit for bit what the optimizers' add_(p, alpha=wd) gives
             else:
                 p.grad.add_(p, alpha=decay)
 
