@@ -11,7 +11,8 @@ them alike; the table gives medians over the repeats and the min-max spread):
    64-512-512-10 on sklearn digits; ResNet18 at width 16 on synthetic CIFAR-shaped (3x32x32 uint8) tensors.
 2. study time: the MNIST-1D double-descent sweep as `make run` runs it (populations: members share steps), at 2
    epochs (start-up) and whole (500 epochs), against a plain script training the same members one after another
-   in 2 processes. Ratio = reglab time / plain time.
+   in 2 processes. Ratio = reglab time / plain time. And one of its 2 population jobs per epoch, against the same
+   fused model trained by hand (where a population job's time goes: the fused arithmetic, or reglab around it).
 3. data path: images/s of the cifar_standard augmentation through Albumentations (per image, CPU) and through the
    batched PadCropFlip (reglab/data/device_augment.py) on 32x32x3 batches of 512.
 Writes the table with machine, date and versions to --out.
@@ -251,6 +252,113 @@ def study_full_case(store: Path, smoke: bool) -> Case:
     )
 
 
+def population_part(smoke: bool) -> tuple[list[int], list[int]]:
+    """(widths, seeds) of make run's first population job: the preset's members split into 2 as the sweeper does."""
+    from reglab.population.sweeper import split
+
+    widths = [2, 8] if smoke else make_run_widths()
+    seeds = [0, 1] if smoke else [int(v) for v in str(preset_sweep()["seed"]).split(",")]
+    members = [(w, s) for w in widths for s in seeds]
+    part = split(list(range(len(members))), [float(w * w * 2 + 100 * w) for w, _ in members],
+                 [w for w, _ in members], 2)[0]
+    return sorted({members[i][0] for i in part}, reverse=True), seeds
+
+
+def population_cli(store: Path, widths: list[int], seeds: list[int], epochs: int, smoke: bool) -> float:
+    """One population job as the study runs it (one process, one thread), from start-up to its report."""
+    root = Path(tempfile.mkdtemp(dir=store))
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), f"+exp={STUDY}", "hydra/launcher=basic",
+           "population.jobs=1", "launcher.cpu_threads=1", f"trainer.max_epochs={epochs}",
+           f"model.width={','.join(map(str, widths))}", f"seed={','.join(map(str, seeds))}", f"paths.root={root}",
+           f"hydra.sweep.dir={root}/multirun"] + (["data.train_samples=400", "data.test_samples=200"] if smoke else [])
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def population_plain(widths: list[int], seeds: list[int], epochs: int, smoke: bool) -> float:
+    """The same members fused by hand: reglab.population's model (MLP width groups, stacked seeds), SGD, each
+    member's own batch order and noisy labels, the training loss and errors summed per epoch, a test pass (loss and
+    errors per member) per epoch; no Lightning, no MLflow. Seconds per epoch, after one warm-up epoch."""
+    import torch
+
+    from reglab.data import MNIST1DDataModule
+    from reglab.models import MLP
+    from reglab.population import fuse, member_losses
+
+    cfg = compose([f"+exp={STUDY}", "logger=none"])
+    data = {k: v for k, v in cfg.data.items() if k != "_target_"}
+    if smoke:
+        data.update(train_samples=400, test_samples=200)
+    dms, nets = {}, []
+    for w in widths:
+        for s in seeds:
+            if s not in dms:
+                dms[s] = MNIST1DDataModule(**data, seed=s)
+                dms[s].setup()
+            torch.manual_seed(s)
+            nets.append(MLP((40,), 10, w, cfg.model.depth))
+    net = fuse(nets)
+    x = torch.stack([dms[s].train_x for _ in widths for s in seeds]).float()
+    y = torch.stack([dms[s].train_y for _ in widths for s in seeds])
+    xt, yt = dms[seeds[0]].test_x.float(), dms[seeds[0]].test_y
+    M, N = y.shape
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    gens = [torch.Generator().manual_seed(i) for i in range(M)]
+    bs = cfg.data.batch_size
+
+    def epoch() -> None:
+        net.train()
+        idx = torch.stack([torch.randperm(N, generator=g) for g in gens]) + N * torch.arange(M)[:, None]
+        loss_sum, wrong = torch.zeros(M), torch.zeros(M)
+        for b in range(0, N, bs):
+            i = idx[:, b:b + bs].flatten()
+            xb, yb = x.flatten(0, 1).index_select(0, i).view(M, -1, 40), y.flatten().index_select(0, i).view(M, -1)
+            logits = net(xb)
+            losses = member_losses(logits, yb)
+            opt.zero_grad()
+            losses.sum().backward()
+            opt.step()
+            loss_sum += losses.detach()
+            wrong += (logits.detach().max(-1).indices != yb).sum(1)
+        net.eval()
+        with torch.no_grad():
+            for b in range(0, len(yt), 1000):
+                logits = net(xt[b:b + 1000])
+                loss_sum += member_losses(logits, yt[b:b + 1000].expand(M, -1))
+                wrong += (logits.max(-1).indices != yt[b:b + 1000]).sum(1)
+
+    epoch()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        epoch()
+    return (time.perf_counter() - t0) / epochs
+
+
+def population_case(store: Path, smoke: bool) -> Case:
+    widths, seeds = population_part(smoke)
+    e1, e2 = (1, 3) if smoke else (2, 22)
+
+    def reglab_epoch() -> float:  # the difference of two whole runs: start-up and the report cancel
+        return (population_cli(store, widths, seeds, e2, smoke) - population_cli(store, widths, seeds, e1, smoke)) \
+            / (e2 - e1)
+
+    return Case(
+        f"population job, per epoch: make run's first job ({len(widths)} widths {widths[0]}-{widths[-1]} x "
+        f"{len(seeds)} seeds = {len(widths) * len(seeds)} members)",
+        {"reglab": reglab_epoch, "fused plain loop": lambda: population_plain(widths, seeds, 2 if smoke else 10,
+                                                                              smoke)},
+        ratio=lambda m: m["fused plain loop"] / m["reglab"], ratio_name="plain / reglab time per epoch",
+        goal="(no goal)", met=lambda r: True,
+        note=f"where a population job's time goes: reglab = (a whole run of {e2} epochs - one of {e1}) / {e2 - e1}, "
+             "one process, one thread, MLflow logging and checkpoints on; the fused plain loop trains the same "
+             "fused model by hand (per-member batches, SGD, a test pass with loss and errors per epoch)",
+        warmup=False,
+    )
+
+
 # --- case 3: data path ----------------------------------------------------------------------------------------
 def data_case(batches: int) -> Case:
     import torch
@@ -341,7 +449,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads for every variant (1: stable timings on a shared 2-core machine)")
-    p.add_argument("--cases", default="step,study,study_full,data")
+    p.add_argument("--cases", default="step,study,study_full,population,data")
     p.add_argument("--study-repeats", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repeats, nothing written (a quick check)")
@@ -375,6 +483,8 @@ def main() -> None:
         cases.append(study_case(store, smoke=args.smoke))
     if "study_full" in wanted:
         cases.append(study_full_case(store, smoke=args.smoke))
+    if "population" in wanted:
+        cases.append(population_case(store, smoke=args.smoke))
     if "data" in wanted:
         cases.append(data_case(2 if args.smoke else 6))
 
