@@ -172,30 +172,38 @@ def preset_sweep() -> dict:
     return yaml.safe_load((CONF / "exp" / f"{STUDY}.yaml").read_text())["hydra"]["sweeper"]["params"]
 
 
+def study_jobs(smoke: bool) -> list[list[tuple[int, int]]]:
+    """The (width, seed) members of the study's 2 jobs, balanced as the population sweeper balances them."""
+    from omegaconf import OmegaConf
+
+    from reglab.population.sweeper import cost, split
+
+    widths = [2, 8] if smoke else make_run_widths()
+    seeds = [0, 1] if smoke else [int(v) for v in str(preset_sweep()["seed"]).split(",")]
+    depth = compose([f"+exp={STUDY}", "logger=none"]).model.depth
+    members = [(w, s) for w in widths for s in seeds]
+    costs = [cost(OmegaConf.create({"model": {"width": w, "depth": depth}})) for w, _ in members]
+    return [[members[i] for i in part] for part in split(list(range(len(members))), costs,
+                                                         [w for w, _ in members], 2)]
+
+
 def study_plain(epochs: int, smoke: bool) -> float:
     """A plain script doing the study's work without reglab: every member (width x seed) its own MLP, initialized
     from its seed, its own noisy labels and batch order, SGD with momentum, the test error after every epoch, one
     member after another; the widths split between 2 processes of 1 thread each, as the study's 2 jobs are
     (balanced the same way). Timed from the processes' start (python and torch imports included) to the last end."""
-    from reglab.population.sweeper import split
-
     cfg = compose([f"+exp={STUDY}", "logger=none"])
-    widths = [2, 8] if smoke else make_run_widths()
-    seeds = [0, 1] if smoke else [int(v) for v in str(preset_sweep()["seed"]).split(",")]
     data = {k: v for k, v in cfg.data.items() if k != "_target_"}
     if smoke:
         data.update(train_samples=400, test_samples=200)
-    members = [(w, s) for w in widths for s in seeds]
-    parts = split(list(range(len(members))), [float(w * w * cfg.model.depth + 100 * w) for w, _ in members],
-                  [w for w, _ in members], 2)
     scripts = []
-    for part in parts:
+    for part in study_jobs(smoke):
         scripts.append(f"""
 import torch, torch.nn.functional as F
 from reglab.data import MNIST1DDataModule
 from reglab.models import MLP
 torch.set_num_threads(1)
-for width, seed in {[members[i] for i in part]!r}:
+for width, seed in {part!r}:
     dm = MNIST1DDataModule(**{data!r}, seed=seed); dm.setup()
     x, y, xt, yt = dm.train_x, dm.train_y, dm.test_x, dm.test_y
     torch.manual_seed(seed)
@@ -253,15 +261,9 @@ def study_full_case(store: Path, smoke: bool) -> Case:
 
 
 def population_part(smoke: bool) -> tuple[list[int], list[int]]:
-    """(widths, seeds) of make run's first population job: the preset's members split into 2 as the sweeper does."""
-    from reglab.population.sweeper import split
-
-    widths = [2, 8] if smoke else make_run_widths()
-    seeds = [0, 1] if smoke else [int(v) for v in str(preset_sweep()["seed"]).split(",")]
-    members = [(w, s) for w in widths for s in seeds]
-    part = split(list(range(len(members))), [float(w * w * 2 + 100 * w) for w, _ in members],
-                 [w for w, _ in members], 2)[0]
-    return sorted({members[i][0] for i in part}, reverse=True), seeds
+    """(widths, seeds) of make run's first population job."""
+    part = study_jobs(smoke)[0]
+    return sorted({w for w, _ in part}, reverse=True), sorted({s for _, s in part})
 
 
 def population_cli(store: Path, widths: list[int], seeds: list[int], epochs: int, smoke: bool) -> float:
