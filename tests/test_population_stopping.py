@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose, with_store
+from conftest import compose, weights, with_store
 
 # Digits with noisy labels overfit in a few epochs; batch norm (running statistics are buffers a frozen member must
 # keep) and SGD with momentum (which moves a member whose gradient is zero). Seeds 0-2 stop in epochs 6, 7 and 5.
@@ -43,10 +43,6 @@ def histories(root: Path) -> dict[int, dict[str, list[tuple[int, float]]]]:
         out[int(r.data.params["seed"])] = {k: sorted((m.step, m.value) for m in client.get_metric_history(
             r.info.run_id, k)) for k in (*HISTORY, "early_stopping/best_epoch", "early_stopping/best_step")}
     return out
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
 @pytest.fixture(scope="module")
