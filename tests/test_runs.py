@@ -176,3 +176,22 @@ def test_a_swept_group_is_named_by_its_hydra_choice_or_its_entries():
         assert child_name(swept_values(job, keys)) == "label_noise=0.1 regularization=l2_dropout_bn seed=0"
     finally:
         HydraConfig.instance().cfg = before
+
+
+def test_an_experiment_another_process_created_first_is_used_not_an_error(tmp_path, monkeypatch):
+    """Parallel jobs on a new store all look the experiment up, find none and create it: the losers of that race
+    get MLflow's RESOURCE_ALREADY_EXISTS and must go on with the winner's experiment."""
+    from reglab.runs.store import experiment
+
+    cfg = compose(["logger=mlflow", f"paths.root={tmp_path}", "logger.experiment=raced"])
+    client, winner, _ = experiment(cfg)  # the other process's create
+    real = MlflowClient.get_experiment_by_name
+    calls = []
+
+    def lookup_before_the_other_create(self, name):
+        calls.append(name)
+        return None if len(calls) == 1 else real(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lookup_before_the_other_create)
+    assert experiment(cfg)[1] == winner
+    assert len(calls) == 2 and len(client.search_experiments(filter_string="name = 'raced'")) == 1

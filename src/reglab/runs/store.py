@@ -85,11 +85,21 @@ def experiment(cfg: DictConfig):
     if cfg.logger.get("backend") != "mlflow":
         raise ConfigError(f"logger.backend={cfg.logger.get('backend')!r}: this needs logger=mlflow")
     uri, artifacts = resolve(cfg.logger.get("tracking_uri"), cfg.paths.root)
+    from mlflow.exceptions import MlflowException
+
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(cfg.logger.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.logger.experiment,
-                                                                     artifact_location=artifacts)
-    return client, exp_id, uri
+    if exp is not None:
+        return client, exp.experiment_id, uri
+    try:
+        return client, client.create_experiment(cfg.logger.experiment, artifact_location=artifacts), uri
+    except MlflowException as e:
+        # Parallel jobs on a new store look the experiment up, find none, and all create it: one wins, the others
+        # get RESOURCE_ALREADY_EXISTS (seen in tests/test_concurrency.py) and use the winner's.
+        exp = client.get_experiment_by_name(cfg.logger.experiment)
+        if e.error_code != "RESOURCE_ALREADY_EXISTS" or exp is None:
+            raise
+        return client, exp.experiment_id, uri
 
 
 def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
