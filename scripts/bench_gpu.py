@@ -438,7 +438,10 @@ def population_width(width: int, spec: PopSpec, data, dev) -> dict:
 
     x, y, xt, yt, mean, std = data
     nets, perm, augs = members(width, spec, dev)
-    cl = torch.channels_last
+    # channels_last on the GPU only: on a CPU (the smoke run) torch 2.14's channels_last backward of ResNet18's 1x1
+    # stride-2 shortcut with 2 channels corrupts the heap (an abort or a segfault; seen on a 2-core AMD EPYC VM,
+    # AVX2, 2026-12-02), and it buys nothing there (reglab.performance refuses it on a CPU).
+    cl = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
     r: dict = {"width": width, "members": spec.members, "solo_step_s": [], "solo_test_s": []}
     for m, member in enumerate(nets):  # solo: member m alone, its own order and augmentation, one after another
         net = copy.deepcopy(member).to(dev, memory_format=cl)
@@ -449,7 +452,7 @@ def population_width(width: int, spec: PopSpec, data, dev) -> dict:
             step(xb.contiguous(memory_format=cl), yb)
 
         r["solo_step_s"].append(seconds_per_call(solo, spec.warmup, spec.steps, dev, spec.budget_s))
-        r["solo_test_s"].append(test_pass_s(net, xt, yt, spec, mean, std, dev, True))
+        r["solo_test_s"].append(test_pass_s(net, xt, yt, spec, mean, std, dev, cl == torch.channels_last))
         del net, step
     r["solo_epoch_s"] = sum(spec.train_steps * s + t for s, t in zip(r["solo_step_s"], r["solo_test_s"]))
 
@@ -461,7 +464,7 @@ def population_width(width: int, spec: PopSpec, data, dev) -> dict:
             step(*train_batch(x, y, batch_of(i, perm, spec), augs, mean, std))
 
         r[f"{key}_step_s"] = seconds_per_call(fused, spec.warmup, spec.steps, dev, spec.budget_s)
-        r[f"{key}_test_s"] = test_pass_s(pop, xt, yt, spec, mean, std, dev, fmt == cl)
+        r[f"{key}_test_s"] = test_pass_s(pop, xt, yt, spec, mean, std, dev, fmt == torch.channels_last)
         r[f"{key}_epoch_s"] = spec.train_steps * r[f"{key}_step_s"] + r[f"{key}_test_s"]
         del pop, step
     return r
