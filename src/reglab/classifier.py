@@ -34,12 +34,16 @@ DIVERGED_FIX = "training diverged: lower optim.lr or clip gradients (trainer.gra
 def build_optimizer(params, name: str, lr: float, momentum: float = 0.0, nesterov: bool = False,
                     betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                     **_: Any) -> torch.optim.Optimizer:
+    # foreach: one call per update rule over all tensors instead of a Python loop over them, also on a CPU (where
+    # torch picks the loop by default): a population's 42 tensors stepped in 1.0 ms instead of 1.9 ms (2-core
+    # AMD EPYC VM, 2026-12-02); the same elementwise arithmetic, so the same result.
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                               foreach=True)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=True)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=True)
     raise ConfigError(f"optim.name={name!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
