@@ -221,6 +221,24 @@ def test_weight_stats():
     assert s["params/l2"].item() == pytest.approx(5.0)
 
 
+def test_weight_stats_of_a_population_are_each_members_own():
+    from reglab.models import MLP
+    from reglab.population import fuse
+
+    nets = []
+    for width, seed in [(3, 0), (5, 0), (3, 1), (5, 1)]:  # two width groups, members interleaved
+        torch.manual_seed(seed)
+        nets.append(MLP((4,), 2, width, 2))
+    with torch.no_grad():
+        nets[2].hidden[0].linear.weight[:, :2] = 0.0  # one member with exact zeros
+    fused = weight_stats(fuse(nets))
+    for m, net in enumerate(nets):
+        for key, value in weight_stats(net).items():
+            assert fused[key].shape == (4,)
+            assert fused[key][m].item() == pytest.approx(value.item(), rel=1e-6), (m, key)
+    assert fused["params/zero_frac"][2] > 0 and (fused["params/zero_frac"][[0, 1, 3]] == 0).all()
+
+
 @pytest.mark.parametrize("make", [lambda: L2(strength=-1), lambda: L1(strength="big"),
                                   lambda: ElasticNet(l2_strength=-0.1), lambda: MaxNorm(max_norm=0)])
 def test_bad_strengths_are_config_errors(make):

@@ -24,7 +24,7 @@ from reglab.population.base import member_losses
 from reglab.errors import CheckpointError, ConfigError, DivergenceError
 from reglab.regularization.averaging import WeightAveraging, has_batch_norm
 from reglab.regularization.base import Regularizer
-from reglab.regularization.penalties import is_matrix, tensor_stats, weight_stats
+from reglab.regularization.penalties import is_matrix, weight_stats
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "step")
@@ -155,12 +155,7 @@ class Classifier(L.LightningModule):
         if stage in ("train", "val"):
             self._check_finite(loss, f"{stage}/loss", f"in epoch {self.current_epoch}")
         if stage == "train":  # params/zero_frac, params/l1, params/l2 of the weights
-            if self.members is None:
-                metrics.update(weight_stats(self.net))
-            else:
-                stats = [tensor_stats([v for v in self.net.member_state_dict(m).values() if v.dim() >= 2])
-                         for m in range(self.members)]
-                metrics.update({k: torch.stack([st[k] for st in stats]) for k in stats[0]})
+            metrics.update(weight_stats(self.net))  # () each, or (M,) for a population
             # train/<regularizer>/<key>: what a regularizer measured this epoch (max-norm's clipped_frac; (M,) for a
             # population)
             metrics.update({f"train/{name}/{key}": value for name, reg in self.regularizers.items()
