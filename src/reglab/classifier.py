@@ -35,8 +35,8 @@ def build_optimizer(params, name: str, lr: float, momentum: float = 0.0, nestero
                     betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                     **_: Any) -> torch.optim.Optimizer:
     # foreach: one call per update rule over all tensors instead of a Python loop over them, also on a CPU (where
-    # torch picks the loop by default): a population's 42 tensors stepped in 1.0 ms instead of 1.9 ms (2-core
-    # AMD EPYC VM, 2026-12-02); the same elementwise arithmetic, so the same result.
+    # torch picks the loop by default): SGD with momentum stepped a population's 42 tensors in 0.84 ms instead of
+    # 1.64 ms (2-core AMD EPYC VM, 2026-12-02); the same elementwise arithmetic.
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                foreach=True)

@@ -6,16 +6,15 @@
     malloc_cache: auto             glibc's malloc keeps freed memory for the next tensor (see keep_freed_memory)
 
 `auto` means on when the trainer runs on a GPU, off on a CPU, where they buy nothing; malloc_cache's `auto` is on
-wherever the C library is glibc. (bf16 autocast and cuDNN
-autotuning are Trainer arguments: `precision: bf16-mixed`, `benchmark: true` in conf/trainer/gpu.yaml.)
+wherever the C library is glibc. (bf16 autocast and cuDNN autotuning are Trainer arguments: `precision: bf16-mixed`,
+`benchmark: true` in conf/trainer/gpu.yaml.)
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import ctypes
-import ctypes.util
+import functools
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -46,13 +45,15 @@ def settings(perf_cfg: Mapping[str, Any] | None, on_gpu: bool) -> dict[str, Any]
             "malloc_cache": glibc() is not None if malloc_cache == "auto" else malloc_cache}
 
 
+@functools.cache
 def glibc() -> ctypes.CDLL | None:
-    """The process's C library if it is glibc (whose mallopt parameters keep_freed_memory sets), else None."""
-    name = ctypes.util.find_library("c")
+    """The process's C library if it is glibc (whose mallopt parameters keep_freed_memory sets), else None. CDLL(None)
+    is the process's own symbols: no library search."""
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 (only glibc has it)
-    except (OSError, AttributeError, TypeError):
+        libc.mallopt  # noqa: B018
+    except (OSError, AttributeError):
         return None
     return libc
 
@@ -82,10 +83,12 @@ def on_gpu(trainer_cfg: Mapping[str, Any]) -> bool:
 
 
 def apply(perf_cfg: Mapping[str, Any] | None, trainer_cfg: Mapping[str, Any], net: nn.Module) -> nn.Module:
-    """Set the process-wide matmul precision and prepare `net` in place; returns it."""
+    """Set the process-wide matmul precision and allocator behaviour, and prepare `net` in place; returns it."""
     gpu = on_gpu(trainer_cfg)
     s = settings(perf_cfg, gpu)
-    if s["channels_last"] and not gpu and any(p.dim() - getattr(net, "member_dims", 0) == 4 for p in net.parameters()):
+    # A conv net: 4-dim kernels (a population's carry the member as one more dim and convert themselves in `to`).
+    conv = any(p.dim() - getattr(net, "member_dims", 0) == 4 for p in net.parameters())
+    if s["channels_last"] and conv and not gpu:
         # Not only useless there: torch 2.14's CPU backward of a channels_last 1x1 stride-2 convolution with 2
         # channels (ResNet18 width 2's shortcut) corrupts the heap on AVX2 CPUs (seen on AMD EPYC, 2026-12-02).
         raise ConfigError("performance.channels_last=true is for GPU trainers: on a CPU it buys nothing and torch's "
@@ -93,8 +96,7 @@ def apply(perf_cfg: Mapping[str, Any] | None, trainer_cfg: Mapping[str, Any], ne
     torch.set_float32_matmul_precision(s["float32_matmul_precision"])
     if s["malloc_cache"]:
         keep_freed_memory()
-    # A conv net: 4-dim kernels (a population's carry the member as one more dim and convert themselves in `to`).
-    if s["channels_last"] and any(p.dim() - getattr(net, "member_dims", 0) == 4 for p in net.parameters()):
+    if s["channels_last"] and conv:
         net.to(memory_format=torch.channels_last)  # conv outputs follow the weights' layout
     if s["compile"]:
         net.compile()
