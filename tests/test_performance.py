@@ -57,8 +57,8 @@ def test_apply_changes_a_conv_nets_layout_and_the_matmul_precision():
 
 # Twenty test passes of a population (5 members of width 256, batches of 1,000: 5 MB activations), counting the page
 # faults: by default glibc maps such blocks afresh and returns them on free, so every pass faults on most of its
-# pages again (50-100 thousand faults, 2-core AMD EPYC VM); after keep_freed_memory the passes reuse the heap (0-7.5
-# thousand). In a fresh process, so that the setting reaches no other test.
+# pages again (50-100 thousand faults, 2-core AMD EPYC VM); with performance's defaults (malloc_cache: auto) the
+# passes reuse the heap (0-7.5 thousand). In a fresh process, so that the setting reaches no other test.
 FAULTS = """
 import resource, sys, torch
 from reglab import performance
@@ -66,7 +66,7 @@ from reglab.models import MLP
 from reglab.population import fuse
 torch.set_num_threads(1)
 if sys.argv[1] == "on":
-    performance.keep_freed_memory()
+    performance.apply(None, {"accelerator": "cpu"}, torch.nn.Identity())  # the defaults, as every run applies them
 net = fuse([MLP((40,), 10, 256, 2) for _ in range(5)]).eval()
 x = torch.randn(1000, 40)
 with torch.no_grad():
