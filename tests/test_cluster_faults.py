@@ -2,8 +2,8 @@
 the grace period), a full disk mid-run, a corrupted checkpoint, a tracking server that goes away and comes back.
 Each through real processes or the real training path, each compared with what an uninterrupted run gives.
 
-Marker `cluster`: 1-2 minutes together on 2 cores, so `make test` leaves them out and `bash .ci/run` runs them with
-`make test-cluster`."""
+Marker `cluster`: 4-10 minutes together on 2 cores (docs/benchmarks.md), so `make test` leaves them out and
+`bash .ci/run` runs them with `make test-cluster`."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def test_sigterm_at_random_moments_then_the_same_command_gives_the_uninterrupted
 # ---------------------------------------------------------------- preemption of a sweep (the launcher and its workers)
 
 SWEEP = ["+exp=double_descent_mnist1d", "model.width=8,32", "seed=0,1", "data.train_samples=400",
-         "data.test_samples=400", "trainer.max_epochs=30", "callbacks.checkpoint.every_n_epochs=1",
+         "data.test_samples=400", "trainer.max_epochs=120", "callbacks.checkpoint.every_n_epochs=1",
          "callbacks.checkpoint.last_every_s=null"]
 
 
@@ -171,9 +171,14 @@ def test_sigterm_to_a_sweep_stops_every_process_within_the_grace_period_and_the_
     assert proc.returncode == 143, output[-3000:]
     assert "preempted (SIGTERM)" in output and "Traceback" not in output, output[-3000:]
     cut = _children_by_member(root)
-    assert cut and all(r.info.status != "FINISHED" for rs in cut.values() for r in rs)
-    assert all(r.data.tags.get("reglab.resumable") == "true" for rs in cut.values() for r in rs), \
-        [(k, r.info.status, r.data.tags.get("reglab.resumable")) for k, rs in cut.items() for r in rs]
+    states = sorted((k, r.info.status, r.data.tags.get("reglab.resumable")) for k, rs in cut.items() for r in rs)
+    # The sweep is 2 population jobs, one per width, started a second or more apart (seen: the width-8 job ended
+    # before the width-32 job had written its first checkpoint, on a loaded CI machine); a job that ended before the
+    # signal keeps its members FINISHED. Every other member stopped resumable, all of a population alike, and at
+    # least one did, or nothing was preempted.
+    stopped = [s for s in states if s[1] != "FINISHED"]
+    assert stopped and all(resumable == "true" for _, _, resumable in stopped), states
+    assert all(len({s[1] for s in states if s[0][0] == width}) == 1 for width in (8, 32)), states
 
     r = _sweep(root)
     assert r.returncode == 0, r.stderr[-3000:]
