@@ -94,6 +94,29 @@ def test_population_auto_trains_what_cannot_be_fused_one_by_one(tmp_path):
     assert len(results) == 2 and results[0]["test/loss"] != results[1]["test/loss"]
 
 
+def test_a_member_that_sets_what_members_cannot_differ_in_is_refused_before_anything_is_written(tmp_path):
+    """A hand-written population.members entry may set only member keys: the population trains every member with
+    the first one's optimizer, so member 1's optim.lr would be a param it never trained with."""
+    from omegaconf import OmegaConf
+
+    from reglab.population.train import member_configs, run
+
+    cfg = compose([*MLP_BASE, f"paths.root={tmp_path}", "regularization=[l2]",
+                   "population.members=['seed=0 model.width=8','seed=1 optim.lr=0.5']"])
+    with pytest.raises(ConfigError, match=r"^population.members\[1\] sets optim.lr, which members of one population "
+                                          r"cannot differ in \(they may differ in seed, data.label_noise, model.width, "
+                                          r"optim.weight_decay, regularization.l2.strength\); sweep optim.lr as "
+                                          r"separate jobs$"):
+        run(cfg)
+    assert list(tmp_path.iterdir()) == []
+    # What the sweeper writes (member keys, a regularizer's strength among them) passes, each member its own.
+    ok = OmegaConf.merge(cfg, {"population": {"members": ["seed=0 model.width=8",
+                                                          "seed=1 regularization.l2.strength=0.01"]}})
+    a, b = member_configs(ok)
+    assert (a.seed, a.model.width, b.seed, b.regularization.l2.strength) == (0, 8, 1, 0.01)
+    assert a.optim.lr == b.optim.lr == 0.05
+
+
 def test_the_sweeper_groups_members_and_balances_the_jobs():
     """A width x seed grid is one group split into as many populations as the launcher runs at once, a width's
     seeds kept together; what cannot share a step (early stopping then retraining) stays a job of its own."""

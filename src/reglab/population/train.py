@@ -38,7 +38,7 @@ from reglab.errors import ConfigError, DivergenceError
 from reglab.population import fusable, fuse
 from reglab.population.data import PopulationDataModule
 from reglab.population.stopping import MemberStopping, stopped_epochs
-from reglab.population.sweeper import SLOT_REGULARIZERS, STEP_REGULARIZERS, mode, why_not
+from reglab.population.sweeper import SLOT_REGULARIZERS, STEP_REGULARIZERS, member_keys, mode, why_not
 from reglab.regularization.base import Regularizer
 from reglab.regularization.penalties import CoupledWeightDecay, WeightDecay
 from reglab.runs.identity import identity, without_hydra
@@ -47,15 +47,24 @@ from reglab.runs.lookup import discard, find_run
 
 
 def member_configs(cfg: DictConfig) -> list[DictConfig]:
-    """One config per `population.members` entry ("key=value key=value"), as its solo job composes it."""
+    """One config per `population.members` entry ("key=value key=value"), as its solo job composes it. An entry may
+    set only what members of one population may differ in (sweeper.member_keys; the sweeper writes no other): the
+    population trains every member with the first one's optimizer and trainer, so a member's own optim.lr or
+    trainer.max_epochs would be logged as a param it never trained with."""
     parser = OverridesParser.create()
     base = OmegaConf.to_container(without_hydra(cfg), resolve=False)
     base["population"]["members"] = []
     out = []
-    for member in cfg.population.members:
+    for i, member in enumerate(cfg.population.members):
         c = OmegaConf.create(base)
-        for o in parser.parse_overrides(str(member).split()):
+        overrides = parser.parse_overrides(str(member).split())
+        for o in overrides:
             OmegaConf.update(c, o.key_or_group.lstrip("+"), o.value(), merge=False, force_add=True)
+        allowed = member_keys(c)
+        for key in (o.key_or_group.lstrip("+") for o in overrides):
+            if key not in allowed:
+                raise ConfigError(f"population.members[{i}] sets {key}, which members of one population cannot "
+                                  f"differ in (they may differ in {', '.join(allowed)}); sweep {key} as separate jobs")
         out.append(c)
     return out
 
