@@ -283,9 +283,12 @@ def population_cli(store: Path, widths: list[int], seeds: list[int], epochs: int
 def population_plain(widths: list[int], seeds: list[int], epochs: int, smoke: bool) -> float:
     """The same members fused by hand: reglab.population's model (MLP width groups, stacked seeds), SGD, each
     member's own batch order and noisy labels, the training loss and errors summed per epoch, a test pass (loss and
-    errors per member) per epoch; no Lightning, no MLflow. Seconds per epoch, after one warm-up epoch."""
+    errors per member) per epoch; no Lightning, no MLflow. Seconds per epoch, after one warm-up epoch. With glibc's
+    freed memory kept as reglab's population job keeps it (performance.malloc_cache), so the row compares what each
+    does around the same fused arithmetic."""
     import torch
 
+    from reglab import performance
     from reglab.data import MNIST1DDataModule
     from reglab.models import MLP
     from reglab.population import fuse, member_losses
@@ -294,6 +297,8 @@ def population_plain(widths: list[int], seeds: list[int], epochs: int, smoke: bo
     data = {k: v for k, v in cfg.data.items() if k != "_target_"}
     if smoke:
         data.update(train_samples=400, test_samples=200)
+    if performance.glibc() is not None:
+        performance.keep_freed_memory()
     dms, nets = {}, []
     for w in widths:
         for s in seeds:
