@@ -34,7 +34,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow and not e2e"
 
 # Multi-process and cluster-scale tests (marker `cluster`: tests/test_cluster_faults.py's preemption, full disk,
-# tracking-server outage and many writers; test_concurrency.py; test_ddp.py; 3-5 min on 2 cores): outside
+# tracking-server outage and many writers; test_concurrency.py; test_ddp.py; 4-10 min on 2 cores): outside
 # `make test`'s 5-minute budget, run by .ci/run after it.
 test-cluster: install
 	$(PY) -m pytest -m cluster
