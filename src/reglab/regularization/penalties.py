@@ -53,7 +53,7 @@ def weight_stats(net: nn.Module) -> dict[str, torch.Tensor]:
         return {}
     with torch.no_grad():
         zeros = sum(per_member(net, p, (p == 0).float()) for p in params)
-        count = sum(per_member(net, p, torch.ones_like(p)) for p in params)
+        count = sum(per_member(net, p, p.new_full((len(p),), p[0].numel())) for p in params)  # row sizes
         l1 = sum(per_member(net, p, p.abs()) for p in params)
         l2 = torch.sqrt(sum(per_member(net, p, p.float().pow(2)) for p in params))
     return {"params/zero_frac": zeros / count, "params/l1": l1, "params/l2": l2}
