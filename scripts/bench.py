@@ -283,9 +283,9 @@ def population_cli(store: Path, widths: list[int], seeds: list[int], epochs: int
 def population_plain(widths: list[int], seeds: list[int], epochs: int, smoke: bool) -> float:
     """The same members fused by hand: reglab.population's model (MLP width groups, stacked seeds), SGD, each
     member's own batch order and noisy labels, the training loss and errors summed per epoch, a test pass (loss and
-    errors per member) per epoch; no Lightning, no MLflow. Seconds per epoch, after one warm-up epoch. With glibc's
-    freed memory kept as reglab's population job keeps it (performance.malloc_cache), so the row compares what each
-    does around the same fused arithmetic."""
+    errors per member) per epoch; no Lightning, no MLflow. Seconds per epoch, after one warm-up epoch. With the
+    preset's `performance` settings applied as reglab's population job applies them (malloc_cache keeps glibc's
+    freed memory), so the row compares what each does around the same fused arithmetic."""
     import torch
 
     from reglab import performance
@@ -297,8 +297,6 @@ def population_plain(widths: list[int], seeds: list[int], epochs: int, smoke: bo
     data = {k: v for k, v in cfg.data.items() if k != "_target_"}
     if smoke:
         data.update(train_samples=400, test_samples=200)
-    if performance.glibc() is not None:
-        performance.keep_freed_memory()
     dms, nets = {}, []
     for w in widths:
         for s in seeds:
@@ -307,7 +305,7 @@ def population_plain(widths: list[int], seeds: list[int], epochs: int, smoke: bo
                 dms[s].setup()
             torch.manual_seed(s)
             nets.append(MLP((40,), 10, w, cfg.model.depth))
-    net = fuse(nets)
+    net = performance.apply(cfg.get("performance"), cfg.trainer, fuse(nets))  # as the population job applies it
     x = torch.stack([dms[s].train_x for _ in widths for s in seeds]).float()
     y = torch.stack([dms[s].train_y for _ in widths for s in seeds])
     xt, yt = dms[seeds[0]].test_x.float(), dms[seeds[0]].test_y
