@@ -18,6 +18,22 @@ def test_mlp_depth(depth):
     assert net(torch.randn(3, 40)).shape == (3, 10)
 
 
+
+@pytest.mark.parametrize("norm,position", [("none", "pre"), ("batch", "pre"), ("batch", "post"), ("layer", "post")])
+def test_mlp_evaluation_without_autograd_equals_with_it(norm, position):
+    """HiddenLayer.activate computes ReLU in place when no graph is recorded: the outputs must be those of the
+    out-of-place ReLU that training (autograd on) uses, and the input must be left alone."""
+    torch.manual_seed(0)
+    net = MLP((40,), 10, width=16, depth=3, norm=norm, norm_position=position).eval()
+    x = torch.randn(8, 40)
+    kept = x.clone()
+    with_grad = net(x)
+    with torch.no_grad():
+        without = net(x)
+    assert torch.equal(with_grad.detach(), without)
+    assert torch.equal(x, kept)
+    assert with_grad.requires_grad and not without.requires_grad
+
 @pytest.mark.parametrize("width", [1, 4, 64])
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 8, 8)])
 def test_resnet18_forward_backward(width, shape):

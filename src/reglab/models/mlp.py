@@ -33,7 +33,15 @@ class HiddenLayer(nn.Module):
         self.dropout: nn.Module = nn.Identity()
 
     def after_linear(self, u: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(u)) if self.norm_first else self.norm(self.act(u))
+        return self.activate(self.norm(u)) if self.norm_first else self.norm(self.activate(u))
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        # Without autograd (evaluation) ReLU overwrites h, a fresh tensor (the output of the linear layer or the
+        # norm): no second activation-sized tensor is written. A population's test batch (5 members, batch 1000) took
+        # 8.0 instead of 8.8 ms per layer at width 256, 1.7 instead of 2.1 ms at 128 (2-core Xeon VM, 2026-12-02).
+        if type(self.act) is nn.ReLU and not torch.is_grad_enabled():
+            return torch.relu_(h)
+        return self.act(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and getattr(self.linear, "inference", "mean") == "gaussian":
