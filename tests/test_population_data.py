@@ -35,6 +35,7 @@ MEMBERS = [(0, 0.2), (1, 0.2), (0, 0.0)]
 def test_every_training_batch_is_the_members_solo_batch_for_two_epochs():
     pop = PopulationDataModule([member(s, noise=p) for s, p in MEMBERS])
     pop.setup()
+    assert pop.normalized  # float data, no augmentation: normalized once, bit-identical to per batch (below)
     twins = [member(s, noise=p) for s, p in MEMBERS]
     loader, solos = pop.train_dataloader(), [t.train_dataloader() for t in twins]
     assert len(loader) == len(solos[0]) == 21  # 1,294 training examples in batches of 64: 20 full + 14
@@ -46,9 +47,10 @@ def test_every_training_batch_is_the_members_solo_batch_for_two_epochs():
         batches, solo_batches = list(loader), [list(s) for s in solos]
         for b, (x, y) in enumerate(batches):
             assert x.shape == (3, y.shape[1], 1, 8, 8) and x.dtype == torch.float32 and y.shape[0] == 3
+            x = pop.normalize(x)  # what the model sees (float data: normalized once in setup, so passed through)
             for m in range(3):
                 sx, sy = solo_batches[m][b]
-                assert torch.equal(x[m], sx) and torch.equal(y[m], sy), (epoch, b, m)
+                assert torch.equal(x[m], twins[m].normalize(sx)) and torch.equal(y[m], sy), (epoch, b, m)
         assert batches[-1][1].shape == (3, 14)  # the short last batch, as in the solo runs
         orders.append(torch.cat([y for _, y in batches], dim=1))
     assert not torch.equal(orders[0], orders[1])  # a new order each epoch
@@ -71,21 +73,19 @@ def test_validation_is_stacked_per_member_and_test_is_shared_unstacked():
     solo_val = [t.val_dataloader()[0] for t in twins]
     batches = list(val)
     assert len(batches) == 2  # 144 validation examples in batches of 100
+    # Batches as the model sees them (after the batch hook): the solo run's, normalized, bit for bit (float data is
+    # normalized once in the population's setup, per batch in the solo run).
     for b, (x, y) in enumerate(batches):
+        x = pop.on_after_batch_transfer((x, y), 0)[0]
         for m, solo in enumerate(solo_val):
             sx, sy = list(solo)[b]
-            assert torch.equal(x[m], sx) and torch.equal(y[m], sy)
+            assert torch.equal(x[m], twins[m].normalize(sx)) and torch.equal(y[m], sy)
     assert not torch.equal(batches[0][1][0], batches[0][1][1])  # seeds 0 and 1 hold out different examples
     # The test split: one copy, batches (B, 1, 8, 8) as the solo run's, for the fused model to broadcast.
     assert all(m.test_x is pop.test_x for m in pop.members)
     for (x, y), (sx, sy) in zip(test, twins[0].test_dataloader(), strict=True):
-        assert x.shape == (len(y), 1, 8, 8) and torch.equal(x, sx) and torch.equal(y, sy)
-    assert len(pop.test_dataloader()) == len(test) == 4  # 359 examples
-    # Normalization of a stacked and of a shared batch equals the solo one.
-    x, _ = batches[0]
-    assert torch.equal(pop.on_after_batch_transfer((x, None), 0)[0][1], twins[1].normalize(x[1]))
-    tx, _ = next(iter(test))
-    assert torch.equal(pop.normalize(tx), twins[0].normalize(tx))
+        assert x.shape == (len(y), 1, 8, 8) and torch.equal(pop.normalize(x), twins[0].normalize(sx))
+        assert torch.equal(y, sy)
 
 
 def test_cpu_augmentation_draws_are_each_members_own():

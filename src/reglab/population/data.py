@@ -107,6 +107,7 @@ class PopulationDataModule(L.LightningDataModule):
         self.scale = first.scale
         self.eval_stages: tuple[str, ...] = ("val",)
         self.train_x: torch.Tensor | None = None  # (M, N, *input_shape), stacked in setup
+        self.normalized = False  # float splits without augmentation are normalized once, in setup
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -130,6 +131,13 @@ class PopulationDataModule(L.LightningDataModule):
         if device is not None and self.train_x.device != device:
             for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y", "mean", "std"):
                 setattr(self, k, getattr(self, k).to(device))
+        if not self.normalized and self.train_x.is_floating_point() and \
+                not any(m.augment is not None or m.device_augment is not None for m in self.members):
+            # Once here instead of in every batch: the same elementwise arithmetic, so the same values (~2% of make
+            # run's population epoch, 2-core Xeon VM, 2026-12-02). Stored integers (images) stay stored: as floats
+            # they would take 4x the memory.
+            self.train_x, self.val_x, self.test_x = (self.normalize(x) for x in (self.train_x, self.val_x, self.test_x))
+            self.normalized = True
         # Members keep working as data modules (their loaders give the order), on views of the stacked tensors:
         # the population holds one copy of every split, on one device.
         for i, m in enumerate(self.members):
@@ -162,7 +170,9 @@ class PopulationDataModule(L.LightningDataModule):
 
     def normalize(self, x: torch.Tensor, augment: bool = False) -> torch.Tensor:
         """x (M, B, ...) stacked or (B, ...) shared, stored dtype -> normalized float32; augment applies each
-        member's device transform to its slice (stacked batches only)."""
+        member's device transform to its slice (stacked batches only). Splits normalized in setup pass through."""
+        if self.normalized:
+            return x
         x = x.float() / self.scale
         if augment and any(m.device_augment is not None for m in self.members):
             if not self._stacked(x):
