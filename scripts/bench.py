@@ -281,14 +281,15 @@ def population_cli(store: Path, widths: list[int], seeds: list[int], epochs: int
 
 
 def population_plain(widths: list[int], seeds: list[int], epochs: int, smoke: bool) -> float:
-    """The same members fused by hand: reglab.population's model (MLP width groups, stacked seeds), SGD, each
-    member's own batch order and noisy labels, the training loss and errors summed per epoch, a test pass (loss and
-    errors per member) per epoch; no Lightning, no MLflow. Seconds per epoch, after one warm-up epoch. With the
-    preset's `performance` settings applied as reglab's population job applies them (malloc_cache keeps glibc's
-    freed memory), so the row compares what each does around the same fused arithmetic."""
+    """The same members fused by hand: reglab.population's model (MLP width groups, stacked seeds), SGD as reglab
+    builds it, each member's own batch order and noisy labels, the training loss and errors summed per epoch, a test
+    pass (loss and errors per member) per epoch; no Lightning, no MLflow. Seconds per epoch, after one warm-up
+    epoch. With the preset's `performance` settings applied as reglab's population job applies them (malloc_cache
+    keeps glibc's freed memory), so the row compares what each does around the same fused arithmetic."""
     import torch
 
     from reglab import performance
+    from reglab.classifier import build_optimizer
     from reglab.data import MNIST1DDataModule
     from reglab.models import MLP
     from reglab.population import fuse, member_losses
@@ -310,7 +311,7 @@ def population_plain(widths: list[int], seeds: list[int], epochs: int, smoke: bo
     y = torch.stack([dms[s].train_y for _ in widths for s in seeds])
     xt, yt = dms[seeds[0]].test_x.float(), dms[seeds[0]].test_y
     M, N = y.shape
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    opt = build_optimizer(net.parameters(), "sgd", lr=cfg.optim.lr, momentum=cfg.optim.momentum)  # as reglab's
     gens = [torch.Generator().manual_seed(i) for i in range(M)]
     bs = cfg.data.batch_size
 
