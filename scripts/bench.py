@@ -12,7 +12,8 @@ them alike; the table gives medians over the repeats and the min-max spread):
 2. study time: the MNIST-1D double-descent sweep as `make run` runs it (populations: members share steps), at 2
    epochs (start-up) and whole (500 epochs), against a plain script training the same members one after another
    in 2 processes. Ratio = reglab time / plain time. And one of its 2 population jobs per epoch, against the same
-   fused model trained by hand (where a population job's time goes: the fused arithmetic, or reglab around it).
+   fused model trained by hand (where a population job's time goes: the fused arithmetic, or reglab around it) and
+   against reglab training the same members one job each (what a population saves per member).
 3. data path: images/s of the cifar_standard augmentation through Albumentations (per image, CPU) and through the
    batched PadCropFlip (reglab/data/device_augment.py) on 32x32x3 batches of 512.
 Writes the table with machine, date and versions to --out.
@@ -72,6 +73,7 @@ class Case:
     times: dict[str, list[float]] = field(default_factory=dict)
     note: str = ""
     warmup: bool = True  # False for variants that start a fresh process each time
+    also: tuple[str, Callable[[dict[str, float]], float]] | None = None  # a second ratio: (its name, medians -> it)
 
 
 # --- case 1: step overhead ------------------------------------------------------------------------------------
@@ -266,11 +268,13 @@ def population_part(smoke: bool) -> tuple[list[int], list[int]]:
     return sorted({w for w, _ in part}, reverse=True), sorted({s for _, s in part})
 
 
-def population_cli(store: Path, widths: list[int], seeds: list[int], epochs: int, smoke: bool) -> float:
-    """One population job as the study runs it (one process, one thread), from start-up to its report."""
+def population_cli(store: Path, widths: list[int], seeds: list[int], epochs: int, smoke: bool,
+                   mode: str = "auto") -> float:
+    """One population job as the study runs it (one process, one thread), from start-up to its report; with
+    mode="off" the same members as one job each, one after another in the same process."""
     root = Path(tempfile.mkdtemp(dir=store))
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), f"+exp={STUDY}", "hydra/launcher=basic",
-           "population.jobs=1", "launcher.cpu_threads=1", f"trainer.max_epochs={epochs}",
+           "population.jobs=1", f"population.mode={mode}", "launcher.cpu_threads=1", f"trainer.max_epochs={epochs}",
            f"model.width={','.join(map(str, widths))}", f"seed={','.join(map(str, seeds))}", f"paths.root={root}",
            f"hydra.sweep.dir={root}/multirun"] + (["data.train_samples=400", "data.test_samples=200"] if smoke else [])
     t0 = time.perf_counter()
@@ -347,20 +351,29 @@ def population_case(store: Path, smoke: bool) -> Case:
     widths, seeds = population_part(smoke)
     e1, e2 = (1, 3) if smoke else (2, 22)
 
-    def reglab_epoch() -> float:  # the difference of two whole runs: start-up and the report cancel
-        return (population_cli(store, widths, seeds, e2, smoke) - population_cli(store, widths, seeds, e1, smoke)) \
-            / (e2 - e1)
+    def reglab_epoch(seeds: list[int] = seeds, mode: str = "auto") -> float:
+        # The difference of two whole runs: start-up, each member's setup and the report cancel.
+        return (population_cli(store, widths, seeds, e2, smoke, mode) -
+                population_cli(store, widths, seeds, e1, smoke, mode)) / (e2 - e1)
+
+    def solo_epoch() -> float:
+        # Seed 0 of each width alone: the seeds of one width cost alike, so x len(seeds) is all members' epoch.
+        return reglab_epoch(seeds[:1], "off") * len(seeds)
 
     return Case(
         f"population job, per epoch: make run's first job ({len(widths)} widths {widths[0]}-{widths[-1]} x "
         f"{len(seeds)} seeds = {len(widths) * len(seeds)} members)",
         {"reglab": reglab_epoch, "fused plain loop": lambda: population_plain(widths, seeds, 2 if smoke else 10,
-                                                                              smoke)},
+                                                                              smoke),
+         "reglab solo (one job per member)": solo_epoch},
         ratio=lambda m: m["fused plain loop"] / m["reglab"], ratio_name="plain / reglab time per epoch",
+        also=("reglab population / solo time per member and epoch", lambda m: m["reglab"] / m["reglab solo (one job per member)"]),
         goal="(no goal)", met=lambda r: True,
         note=f"where a population job's time goes: reglab = (a whole run of {e2} epochs - one of {e1}) / {e2 - e1}, "
              "one process, one thread, MLflow logging and checkpoints on; the fused plain loop trains the same "
-             "fused model by hand (per-member batches, SGD, a test pass with loss and errors per epoch)",
+             "fused model by hand (per-member batches, SGD, a test pass with loss and errors per epoch); reglab solo "
+             "= the same command with population.mode=off (each member its own job, one after another in one "
+             "process), for seed 0 of each width, times the seeds (a width's seeds cost alike)",
         warmup=False,
     )
 
@@ -426,8 +439,12 @@ def table(cases: list[Case]) -> str:
         goal_met = "yes" if c.met(r) else "**no**"
         if c.goal == "(no goal)":
             goal_met = "-"
-        rows.append(f"| {c.name} | {variants} | **{r:.2f}** {c.ratio_name} (per repeat {min(paired):.2f}-"
-                    f"{max(paired):.2f}) | {c.goal} | {goal_met} |")
+        ratios = f"**{r:.2f}** {c.ratio_name} (per repeat {min(paired):.2f}-{max(paired):.2f})"
+        if c.also:
+            name, f = c.also
+            per = [f({n: c.times[n][i] for n in c.times}) for i in range(len(next(iter(c.times.values()))))]
+            ratios += f"<br>**{f(med):.2f}** {name} (per repeat {min(per):.2f}-{max(per):.2f})"
+        rows.append(f"| {c.name} | {variants} | {ratios} | {c.goal} | {goal_met} |")
     notes = [f"- {c.name}: {c.note}" for c in cases if c.note]
     return "\n".join(rows + [""] + notes)
 
