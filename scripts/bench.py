@@ -432,18 +432,19 @@ def table(cases: list[Case]) -> str:
     rows = ["| case | variant: median (min-max) | ratio | goal | met |", "|---|---|---|---|---|"]
     for c in cases:
         med = {n: statistics.median(t) for n, t in c.times.items()}
+        repeats = [{n: t[i] for n, t in c.times.items()} for i in range(len(next(iter(c.times.values()))))]
+
+        def cell(name: str, f: Callable[[dict[str, float]], float]) -> str:  # ratio of the medians, per-repeat range
+            paired = [f(m) for m in repeats]
+            return f"**{f(med):.2f}** {name} (per repeat {min(paired):.2f}-{max(paired):.2f})"
+
         r = c.ratio(med)
-        paired = [c.ratio({n: c.times[n][i] for n in c.times}) for i in range(len(next(iter(c.times.values()))))]
         per_image = c.name.startswith("data")
         variants = "<br>".join(f"{n}: {fmt_times(t, per_image)}" for n, t in c.times.items())
         goal_met = "yes" if c.met(r) else "**no**"
         if c.goal == "(no goal)":
             goal_met = "-"
-        ratios = f"**{r:.2f}** {c.ratio_name} (per repeat {min(paired):.2f}-{max(paired):.2f})"
-        if c.also:
-            name, f = c.also
-            per = [f({n: c.times[n][i] for n in c.times}) for i in range(len(next(iter(c.times.values()))))]
-            ratios += f"<br>**{f(med):.2f}** {name} (per repeat {min(per):.2f}-{max(per):.2f})"
+        ratios = "<br>".join(cell(*x) for x in [(c.ratio_name, c.ratio)] + ([c.also] if c.also else []))
         rows.append(f"| {c.name} | {variants} | {ratios} | {c.goal} | {goal_met} |")
     notes = [f"- {c.name}: {c.note}" for c in cases if c.note]
     return "\n".join(rows + [""] + notes)
