@@ -347,6 +347,9 @@ def population_plain(widths: list[int], seeds: list[int], epochs: int, smoke: bo
     return (time.perf_counter() - t0) / epochs
 
 
+SOLO = "reglab solo (one job per member)"
+
+
 def population_case(store: Path, smoke: bool) -> Case:
     widths, seeds = population_part(smoke)
     e1, e2 = (1, 3) if smoke else (2, 22)
@@ -365,9 +368,9 @@ def population_case(store: Path, smoke: bool) -> Case:
         f"{len(seeds)} seeds = {len(widths) * len(seeds)} members)",
         {"reglab": reglab_epoch, "fused plain loop": lambda: population_plain(widths, seeds, 2 if smoke else 10,
                                                                               smoke),
-         "reglab solo (one job per member)": solo_epoch},
+         SOLO: solo_epoch},
         ratio=lambda m: m["fused plain loop"] / m["reglab"], ratio_name="plain / reglab time per epoch",
-        also=("reglab population / solo time per member and epoch", lambda m: m["reglab"] / m["reglab solo (one job per member)"]),
+        also=("reglab population / solo time per member and epoch", lambda m: m["reglab"] / m[SOLO]),
         goal="(no goal)", met=lambda r: True,
         note=f"where a population job's time goes: reglab = (a whole run of {e2} epochs - one of {e1}) / {e2 - e1}, "
              "one process, one thread, MLflow logging and checkpoints on; the fused plain loop trains the same "
