@@ -144,7 +144,7 @@ def test_a_population_stopped_after_a_members_stop_resumes_to_the_same_result(tr
         signal.signal(signal.SIGTERM, before)
         preemption.reset()
     last = next((root / "outputs" / "checkpoints").glob("population-*/last.ckpt"))
-    assert stopping.stopped_epochs(last) == {m: e for m, e in stops.items() if e <= kill}
+    assert stopping.history_ends(last) == {m: e for m, e in stops.items() if e <= kill}
     killed = {r.info.run_id for r in client_of(root).search_runs([client_of(root).get_experiment_by_name("es")
                                                                    .experiment_id])}
     again = train_population(configs(root))

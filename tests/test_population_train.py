@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_members_match, compose, solo_and_population
+from conftest import assert_members_match, compose, solo_and_population, with_store
 
 from reglab.errors import ConfigError
 
@@ -115,6 +115,42 @@ def test_a_member_that_sets_what_members_cannot_differ_in_is_refused_before_anyt
     a, b = member_configs(ok)
     assert (a.seed, a.model.width, b.seed, b.regularization.l2.strength) == (0, 8, 1, 0.01)
     assert a.optim.lr == b.optim.lr == 0.05
+
+
+def _runs(root, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def test_a_population_whose_trainer_cannot_be_built_leaves_no_run_behind(tmp_path, empty_store):
+    """The members' MLflow runs start only once everything the config builds is built: a run left RUNNING by a
+    config error would never be continued (the fixed config is another run's fingerprint)."""
+    from reglab.population.train import train_population
+
+    root = with_store(tmp_path, empty_store)
+    cfgs = [compose([*MLP_BASE, "logger=mlflow", "logger.experiment=broken", f"paths.root={root}",
+                     "+trainer.no_such_argument=1", f"seed={s}"]) for s in (0, 1)]
+    with pytest.raises(Exception, match="no_such_argument"):
+        train_population(cfgs)
+    assert _runs(root, "broken") == []
+
+
+def test_when_every_member_diverges_each_run_fails_with_its_own_reason(tmp_path, empty_store):
+    from reglab.errors import DivergenceError
+    from reglab.population.train import train_population
+
+    root = with_store(tmp_path, empty_store)
+    cfgs = [compose([*MLP_BASE, "logger=mlflow", "logger.experiment=diverged", f"paths.root={root}",
+                     "regularization=[l2]", f"regularization.l2.strength={s}", "seed=0"]) for s in (1e4, 3e4)]
+    with pytest.raises(DivergenceError, match="every member diverged"):
+        train_population(cfgs)
+    runs = _runs(root, "diverged")
+    reasons = [r.data.tags["failure_reason"] for r in runs]
+    assert len(runs) == 2 and all(r.info.status == "FAILED" for r in runs)
+    assert all(why.startswith("divergence: train/loss is ") and "every member" not in why for why in reasons), reasons
 
 
 def test_the_sweeper_groups_members_and_balances_the_jobs():

@@ -28,6 +28,7 @@ from reglab.regularization.penalties import is_matrix, weight_stats
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "cosine", "step")
+FAILED_KEY = "reglab_failed_members"  # a population checkpoint's diverged members: member -> {epoch, reason}
 DIVERGED_FIX = "training diverged: lower optim.lr or clip gradients (trainer.gradient_clip_val=1.0)"
 
 
@@ -94,10 +95,13 @@ class Classifier(L.LightningModule):
         # would synchronize the device each step); "step" forces every step everywhere.
         self.check_finite = check_finite
         # A population (reglab/population/) computes M members in one step: logits (M, B, C), one mean loss per
-        # member, and member m's metrics go to the m-th logger. `failed`: members whose loss became non-finite;
-        # their loss no longer counts, so their gradient is 0 and the others train on.
+        # member, and member m's metrics go to the m-th logger. `failed`: members whose loss became non-finite, and
+        # why; their loss no longer counts and nothing of theirs is logged, while the others train on (their
+        # gradient rows may hold NaN, which SGD/Adam/AdamW, elementwise, keep in their own rows). `failed_epoch`:
+        # the epoch each failed in (its history ends the epoch before). Both are saved in checkpoints.
         self.members: int | None = getattr(net, "members", None)
         self.failed: dict[int, str] = {}
+        self.failed_epoch: dict[int, int] = {}
         # `stopped`: member -> the last epoch it trained, set by early stopping (population/stopping.py); it is frozen
         # from then on, so its later epochs are neither logged nor kept, and its test is logged at the next step.
         self.stopped: dict[int, int] = {}
@@ -204,7 +208,9 @@ class Classifier(L.LightningModule):
                 raise DivergenceError(f"{what} is {loss.item()} {where}; {DIVERGED_FIX}")
             return
         for m in torch.nonzero(~torch.isfinite(loss)).flatten().tolist():
-            self.failed.setdefault(m, f"{what} is {loss[m].item()} {where}; {DIVERGED_FIX}")
+            if m not in self.failed:
+                self.failed[m] = f"{what} is {loss[m].item()} {where}; {DIVERGED_FIX}"
+                self.failed_epoch[m] = self.current_epoch
         if len(self.failed) == self.members:
             raise DivergenceError(f"every member diverged; first: {self.failed[min(self.failed)]}")
 
@@ -319,8 +325,15 @@ class Classifier(L.LightningModule):
             batch = move_data_to_device(batch, self.device)
             yield (dm.on_after_batch_transfer(batch, 0) if dm is not None else batch)[0]
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.failed:  # a resumed population keeps its diverged members out, with their reasons
+            checkpoint[FAILED_KEY] = {m: {"epoch": self.failed_epoch[m], "reason": r} for m, r in self.failed.items()}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._bn_at = -1  # other weights: the average's batch-norm statistics are recomputed before use
+        failed = checkpoint.get(FAILED_KEY) or {}
+        self.failed = {int(m): f["reason"] for m, f in failed.items()}
+        self.failed_epoch = {int(m): int(f["epoch"]) for m, f in failed.items()}
 
     def on_validation_epoch_start(self) -> None:
         self._prepare_average()

@@ -13,8 +13,8 @@ At the end of each epoch, for every member still training and with that member's
   statistics), its later epochs are not logged (`Classifier.stopped`), and `train_eval/*` is logged with its stop
   epoch, as its solo run logs it after fit.
 The fit ends when every member that has not failed has stopped (or at max_epochs). This state is in the population's
-last.ckpt, so a rerun after kill -9 continues exactly; `stopped_epochs` tells the lookup how far a stopped member's
-history has to reach.
+last.ckpt, so a rerun after kill -9 continues exactly; `history_ends` tells the lookup how far a stopped (or
+diverged) member's history has to reach.
 
 What a solo run does after its stop with `stopping.after_stop=retrain|continue` is not done here:
 population/sweeper.why_not keeps those configurations one job per member.
@@ -33,6 +33,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig
 
+from reglab.classifier import FAILED_KEY
 from reglab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -193,15 +194,17 @@ class MemberStopping(EarlyStopping):
         self.best = list(state_dict["best"])
 
 
-def stopped_epochs(path: Path) -> dict[int, int]:
-    """Member -> the epoch it stopped at, in the population checkpoint `path` ({} without one or without early
-    stopping): a stopped member's history reaches that epoch, not the checkpoint's."""
+def history_ends(path: Path) -> dict[int, int]:
+    """Member -> the last epoch its history holds, for members whose history ends before the population checkpoint
+    `path` ({} without one): a member that stopped early, at its stop epoch; one that diverged, the epoch before."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (FileNotFoundError, RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError):
         return {}  # an unreadable file: the lookup says so in one line, unless resume=restart discards it anyway
-    states = (ckpt.get("callbacks") or {}) if isinstance(ckpt, dict) else {}
-    for key, state in states.items():
+    if not isinstance(ckpt, dict):
+        return {}
+    ends = {int(m): int(f["epoch"]) - 1 for m, f in (ckpt.get(FAILED_KEY) or {}).items()}
+    for key, state in (ckpt.get("callbacks") or {}).items():
         if key.startswith(MemberStopping.__name__ + "{"):
-            return {int(m): int(s["epoch"]) for m, s in state["stopped"].items()}
-    return {}
+            ends.update({int(m): int(s["epoch"]) for m, s in state["stopped"].items()})
+    return ends

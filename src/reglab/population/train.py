@@ -37,7 +37,7 @@ from reglab.config import validate
 from reglab.errors import ConfigError, DivergenceError
 from reglab.population import fusable, fuse
 from reglab.population.data import PopulationDataModule
-from reglab.population.stopping import MemberStopping, stopped_epochs
+from reglab.population.stopping import MemberStopping, history_ends
 from reglab.population.sweeper import SLOT_REGULARIZERS, STEP_REGULARIZERS, member_keys, mode, why_not
 from reglab.regularization.base import Regularizer
 from reglab.regularization.penalties import CoupledWeightDecay, WeightDecay
@@ -112,19 +112,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
     lead = cfgs[0]
-    folder = Path(lead.paths.checkpoints) / ("population-" + hashlib.sha256(
-        " ".join(sorted(identity(c) for c in cfgs)).encode()).hexdigest()[:12])
-    last = folder / "last.ckpt"
-    # Resumable only from the population's own checkpoint; a member that stopped early, once its history reaches
-    # its stop epoch.
-    stops = stopped_epochs(last)
-    runs = [find_run(c, last=last, reached=stops.get(m)) for m, c in enumerate(cfgs)]
-    resume = all(r.ckpt_path for r in runs)
-    for c, r in zip(cfgs, runs):
-        discard(c, r, restart=not resume)
-    if not resume and folder.exists():
-        shutil.rmtree(folder)
-
     nets, dms = [], []
     for c in cfgs:  # per member, as train.run: seed, data, model and regularizers (its own initialization and split)
         L.seed_everything(c.seed, workers=True, verbose=False)
@@ -138,7 +125,23 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
             raise ConfigError(f"population.mode=on: these members cannot share a training step ({reason}); use "
                               "population.mode=auto to train them one by one")
         print(f"population: {reason}; training the {len(cfgs)} members one by one", file=sys.stderr)
-        return [train.run(c) for c in cfgs]
+        return [train.run(c) for c in cfgs]  # before any look-up here: each member's own run and checkpoint resume
+
+    # Named by the members in the order of their rows, which is how the checkpoint holds them (stacked weights,
+    # optimizer and early-stopping state): a rerun that lists the same members in another order starts them over
+    # rather than hand one member's state to another.
+    folder = Path(lead.paths.checkpoints) / ("population-" + hashlib.sha256(
+        " ".join(identity(c) for c in cfgs).encode()).hexdigest()[:12])
+    last = folder / "last.ckpt"
+    # Resumable only from the population's own checkpoint; a member that stopped early or diverged, once its
+    # history reaches the epoch it ends at (its stop epoch; the epoch before it diverged).
+    ends = history_ends(last)
+    runs = [find_run(c, last=last, reached=ends.get(m)) for m, c in enumerate(cfgs)]
+    resume = all(r.ckpt_path for r in runs)
+    for c, r in zip(cfgs, runs):
+        discard(c, r, restart=not resume)
+    if not resume and folder.exists():
+        shutil.rmtree(folder)
     data = PopulationDataModule(dms)
     regularizers = step_regularizers(cfgs)
     optim = OmegaConf.to_container(lead.optim, resolve=True)
@@ -151,9 +154,6 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
     loggers = [build_logger(c, r) for c, r in zip(cfgs, runs)]
     if any(lg is None for lg in loggers):
         loggers = []
-    for c, r, lg, net, dm in zip(cfgs, runs, loggers, nets, dms):
-        if r.run_id is None:
-            lg.log_header(c, sum(p.numel() for p in net.parameters()), dm)
     ck = (lead.get("callbacks") or {}).get("checkpoint") or {}
     checkpoint = Checkpoint(dirpath=str(folder), monitor=None, save_top_k=0, save_last=True,
                             every_n_epochs=int(ck.get("every_n_epochs") or 1), last_every_s=ck.get("last_every_s"),
@@ -166,13 +166,18 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
     trainer = instantiate(lead.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(folder),
                           enable_checkpointing=True,
                           enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks))
+    # The members' runs start here, once everything a config could break is built (as in train.run): an error
+    # above leaves no run behind.
+    for c, r, lg, net, dm in zip(cfgs, runs, loggers, nets, dms):
+        if r.run_id is None:
+            lg.log_header(c, sum(p.numel() for p in net.parameters()), dm)
     try:
         with preemption.keeping(loggers):
             preemption.check(f"population of {len(cfgs)} members")
             trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume else None, weights_only=True)
-    except DivergenceError as e:
-        for lg in loggers:
-            lg.fail(f"divergence: {e}")
+    except DivergenceError as e:  # every member diverged: each is tagged with its own reason
+        for m, lg in enumerate(loggers):
+            lg.fail(f"divergence: {module.failed.get(m, e)}")
             lg.finalize("failed")
         raise
     # Each member's eval-mode loss and error on its own training split and labels, as train.run logs them.
@@ -201,13 +206,16 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
     out = []
     for m, (c, r, net) in enumerate(zip(cfgs, runs, module.net.member_nets())):
         # The member's own checkpoint folder gets its final weights, as a solo run's last.ckpt holds them, and its
-        # theta* under the name the default callbacks.checkpoint.filename gives a solo run's best file.
+        # theta* under the name the default callbacks.checkpoint.filename gives a solo run's best file; a diverged
+        # member's weights are not finite and are not kept (its run says why: failure_reason).
+        out.append({**module.member_metrics[m], **train_eval[m], **after[m],
+                    "model/params": float(sum(p.numel() for p in net.parameters()))})
+        if m in module.failed:
+            continue
         r.ckpt_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": final[m], "epoch": ends[m][0], "global_step": ends[m][1]}, r.ckpt_dir / "last.ckpt")
         best = stopping.best[m] if stopping else None
         if best is not None:
             torch.save({"state_dict": {f"net.{k}": v for k, v in best["state"].items()}, "epoch": best["epoch"],
                         "global_step": best["step"]}, r.ckpt_dir / f"best-{best['epoch']}.ckpt")
-        out.append({**module.member_metrics[m], **train_eval[m], **after[m],
-                    "model/params": float(sum(p.numel() for p in net.parameters()))})
     return out
