@@ -233,6 +233,16 @@ def test_why_not_refuses_each_remaining_step_regularizer_in_one_line_naming_it()
     assert "l2" not in both and both.count("regularization.") == 2
 
 
+def test_why_not_refuses_what_couples_the_members_steps_and_keeps_bf16():
+    cfg = ["callbacks.early_stopping=null"]
+    for override, why in (("+trainer.gradient_clip_val=1.0", "gradient clipping"),
+                          ("+trainer.accumulate_grad_batches=2", "accumulation"),
+                          ("trainer.precision=16-mixed", "fp16 loss scaling"), ("trainer.devices=2", "one device")):
+        reason = why_not(compose([*cfg, override]))
+        assert reason and why in reason and "\n" not in reason, (override, reason)
+    assert why_not(compose([*cfg, "trainer.precision=bf16-mixed"])) is None
+
+
 def test_strengths_and_optim_weight_decay_are_member_keys_where_the_regularizer_takes_them():
     keys = member_keys(compose(["regularization=[elastic_net,max_norm,dropout,label_smoothing]"]))
     assert {"optim.weight_decay", "regularization.elastic_net.l1_strength", "regularization.elastic_net.l2_strength",
