@@ -257,7 +257,8 @@ def study_full_case(store: Path, smoke: bool) -> Case:
         ratio=lambda m: m["reglab population.mode=auto"] / m["plain"],
         ratio_name="reglab (populations) / plain time", goal="<= 0.50 and <= 6.5 min",
         met=lambda r: r <= 0.5,
-        note="one repeat (the two variants take ~15 min together); the plain script is the same work as above",
+        note="one repeat (the two variants take 10-30 min together on a 2-core VM); the plain script is the same work "
+             "as above",
         warmup=False,
     )
 
