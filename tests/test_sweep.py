@@ -169,6 +169,25 @@ def test_study_presets_sweep_without_dash_m_and_say_what_they_cost(name):
     assert cfg.data.label_noise == 0.15 and cfg.data.test_every_epoch and cfg.callbacks.early_stopping is None
 
 
+def test_configurations_kept_apart_only_by_where_they_log_are_not_one_population():
+    """The identity leaves out where a run is kept (logger.experiment), so two experiments' seeds group alike; a
+    population job carries one set of other overrides, so they must be two populations, not one listing each seed
+    twice under the first experiment."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.types import RunMode
+
+    from reglab.population.sweeper import plan
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(conf))
+    config = loader.load_configuration("train", overrides=["+exp=double_descent_mnist1d"], run_mode=RunMode.MULTIRUN)
+    jobs = [[f"logger.experiment={e}", "model.width=8", f"seed={s}"] for e in ("a", "b") for s in (0, 1)]
+    out = plan(config, loader, jobs, {"logger.experiment", "seed"})
+    assert sorted(out) == [["logger.experiment=a", "model.width=8", "population.members=['seed=0','seed=1']"],
+                           ["logger.experiment=b", "model.width=8", "population.members=['seed=0','seed=1']"]], out
+
+
 def test_grouping_composes_plain_value_jobs_as_hydra_does():
     """plan() composes one job and sets the others' plain values on a copy (make run's 70 jobs: 5.6 s -> 0.5 s);
     every job's identity is the one Hydra's own composition gives, also for a config-group override and a new key,

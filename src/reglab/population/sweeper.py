@@ -2,13 +2,14 @@
 
 The Hydra sweeper `hydra_plugins.reglab_population.population_sweeper.PopulationSweeper` is Hydra's basic sweeper
 (the grid; the launcher, joblib, GPU slots or SLURM, places the jobs as before) with `plan` added when
-`population.mode` is auto or on: the grid's configurations are grouped
-by `identity(cfg, without=member_keys(cfg))` (equal but for seed, label noise, optim.weight_decay, the strengths of
-penalties and step hooks and, for MLPs, width), each group is split
-into `population.jobs` populations of about equal cost (auto: as many as the launcher runs at once, so every worker
-has one), and each population is launched as one job whose `population.members` lists its members' overrides
-(reglab/population/train.py trains it). Configurations alone in their group, or that cannot share a step
-(`why_not`), stay jobs of their own. With `population.mode=off` it is the basic sweeper.
+`population.mode` is auto or on: the grid's configurations are grouped by `identity(cfg, without=member_keys(cfg))`
+(equal but for seed, label noise, optim.weight_decay, the strengths of penalties and step hooks and, for MLPs,
+width) and by their other overrides, each group is split into `population.jobs` populations of about equal cost
+(auto: as many as the launcher runs at once; a width's members stay together, so a group of fewer widths makes fewer
+populations, and a ResNet18 group, of one width, one), and each population is launched as one job whose
+`population.members` lists its members' overrides (reglab/population/train.py trains it). Configurations alone in
+their group, or that cannot share a step (`why_not`), stay jobs of their own. With `population.mode=off` it is the
+basic sweeper.
 """
 
 from __future__ import annotations
@@ -140,7 +141,11 @@ def plan(config: DictConfig, loader, jobs: list[list[str]], swept: set[str]) -> 
     alone: list[int] = []
     for i, cfg in enumerate(cfgs):
         if why_not(cfg) is None:
-            groups.setdefault(identity(cfg, without=member_keys(cfg)), []).append(i)
+            # A population job carries its first member's other overrides: configurations that differ in one the
+            # identity leaves out (logger.experiment, paths.*: where a run is kept, not what it trains) are apart.
+            listed = set(member_keys(cfg)) & swept
+            rest = tuple(sorted(o for o in jobs[i] if _key(o) not in listed))
+            groups.setdefault(f"{identity(cfg, without=member_keys(cfg))} {rest}", []).append(i)
         else:
             alone.append(i)
     parts = parallel_jobs(config)
