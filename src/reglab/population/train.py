@@ -11,9 +11,10 @@ member stops at its own epoch: population/stopping.py) -> fit -> each member's t
 (train_eval/{loss,err}) -> test (with early stopping, each member at its theta*) -> each member's weights into its
 own checkpoint folder.
 
-Resume: the population's `last.ckpt` lives in a folder named by the members' identities; a rerun continues it when
-every unfinished member's run reaches its epoch (reglab/runs/lookup.py's rule), else all of them start over.
-Members that cannot be fused (and `population.mode=auto`) are trained one after another by reglab.train.run.
+Resume: the population's `last.ckpt` lives in a folder named by the members' identities in the order of its rows; a
+rerun continues it when every unfinished member's run reaches its epoch (reglab/runs/lookup.py's rule; a member that
+stopped early or diverged, the epoch its history ends at), else all of them start over. Members that cannot be fused
+(and `population.mode=auto`) are trained one after another by reglab.train.run, before any look-up here.
 """
 
 from __future__ import annotations
