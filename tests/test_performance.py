@@ -56,9 +56,13 @@ def test_apply_changes_a_conv_nets_layout_and_the_matmul_precision():
 
 
 # Twenty test passes of a population (5 members of width 256, batches of 1,000: 5 MB activations), counting the page
-# faults: by default glibc maps such blocks afresh and returns them on free, so every pass faults on most of its
-# pages again (50-100 thousand faults, 2-core AMD EPYC VM); with performance's defaults (malloc_cache: auto) the
-# passes reuse the heap (0-7.5 thousand). In a fresh process, so that the setting reaches no other test.
+# faults: by default glibc often maps such blocks afresh and returns them on free, so every pass faults on its pages
+# again (50-100 thousand faults, 2-core AMD EPYC VM; ~49 thousand on an Intel VM, where the same process sometimes
+# took 7.5 thousand: glibc's adaptive mmap threshold and heap trimming depend on the heap's layout); with
+# performance's defaults (malloc_cache: auto) the passes reuse the heap (0-7.5 thousand). Asserted against the pages
+# a pass touches when nothing is reused, not against the default's varying count. In a fresh process, so that the
+# setting reaches no other test.
+FRESH_PAGES = 20 * 2 * (5 * 1000 * 256 * 4) // 4096  # 20 passes x 2 hidden activations of 5 MB: 50,000 pages
 FAULTS = """
 import resource, sys, torch
 from reglab import performance
@@ -85,4 +89,4 @@ def test_keep_freed_memory_spares_the_page_faults_of_large_activations():
 
     faults = {arg: int(subprocess.run([sys.executable, "-c", FAULTS, arg], capture_output=True, text=True,
                                       check=True).stdout) for arg in ("off", "on")}
-    assert faults["off"] > 20_000 and faults["on"] * 4 < faults["off"], faults
+    assert faults["on"] * 4 < FRESH_PAGES, faults
