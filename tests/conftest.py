@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +17,46 @@ CONF = ROOT / "conf"
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train"):
-    """The config `python scripts/train.py *overrides` would run (without Hydra's own runtime nodes)."""
+    """The config `python scripts/train.py *overrides` would run (without Hydra's own runtime nodes). A composition
+    takes Hydra ~0.2 s here and the suite asks for well over a thousand, most differing only in values (paths.root,
+    seed, a strength): those `key=value` overrides are applied to a cached composition of the others, as the population
+    sweeper composes its jobs (reglab.population.sweeper.with_values); anything else is composed by Hydra."""
+    from reglab.population.sweeper import with_values
+
+    overrides = list(overrides)
+    values = [o for o in overrides if _plain_value(o)]
+    others = [o for o in overrides if o not in values]
+    cfg = None
+    if not any(_overlap(o, v) for o in others for v in values if not _group(o)):  # else their order could matter
+        try:
+            cfg = with_values(_composed(config_name, tuple(others)), values)
+        except Exception:  # e.g. an override Hydra's parser refuses: Hydra's own composition reports it
+            pass
+    return cfg if cfg is not None else copy.deepcopy(_composed(config_name, tuple(overrides)))
+
+
+def _plain_value(override: str) -> bool:
+    """Sets a plain value (seed=3, model.width=8), not a config group (model=resnet18, hydra/launcher=x), a new or
+    deleted key (+k=v, ~k), a list or dict, or null (which may replace a whole node: callbacks.early_stopping=null)."""
+    key, eq, value = override.partition("=")
+    if not eq or key.startswith(("+", "~")) or value.startswith(("[", "{")):
+        return False
+    return value != "null" and not _group(override)
+
+
+def _group(override: str) -> bool:
+    """Chooses a config group's option (model=resnet18, hydra/launcher=basic, +exp=x): Hydra applies these first."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return "/" in key or "@" in key or ("." not in key and (CONF / key).is_dir())
+
+
+def _overlap(a: str, b: str) -> bool:
+    a, b = a.split("=", 1)[0].lstrip("+~"), b.split("=", 1)[0]
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(config_name: str, overrides: tuple[str, ...]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 

@@ -167,29 +167,33 @@ def plan(config: DictConfig, loader, jobs: list[list[str]], swept: set[str]) -> 
 
 def sweep_configs(config: DictConfig, loader, jobs: list[list[str]]) -> list[DictConfig]:
     """Each job's composed config, for grouping (its `hydra` node is the first job's). Composing make run's 70 jobs
-    took 5.6 s, before any trained (0.5 s this way); a job that differs from the first only in plain values
-    of keys the config already holds (seed=3, model.width=64) is the first's config with those values set, which is
-    what Hydra's composition does with such an override."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
+    took 5.6 s, before any trained (0.5 s this way): a job that differs from the first only in plain values is the
+    first's config with those values set (with_values)."""
     first = loader.load_sweep_config(config, jobs[0]) if jobs else None
     out = []
     for job in jobs:
-        changed = [o for o in job if o not in jobs[0]]
-        if len(job) != len(jobs[0]) or any(_key(o) != o.split("=", 1)[0] for o in changed):
-            out.append(loader.load_sweep_config(config, job))  # another shape of job (+key, ~key): Hydra composes
-            continue
-        values = {o.key_or_group: o.value() for o in parser.parse_overrides(changed)}
-        if not all(_is_leaf(first, key) and not isinstance(v, (dict, list)) for key, v in values.items()):
-            out.append(loader.load_sweep_config(config, job))  # a config group (model=resnet18) or a new key
-            continue
-        cfg = copy.deepcopy(first)
-        with open_dict(cfg):
-            for key, value in values.items():
-                OmegaConf.update(cfg, key, value, merge=False)
-        out.append(cfg)
+        cfg = with_values(first, [o for o in job if o not in jobs[0]]) if len(job) == len(jobs[0]) else None
+        out.append(cfg if cfg is not None else loader.load_sweep_config(config, job))  # another shape: Hydra composes
     return out
+
+
+def with_values(base: DictConfig, overrides: list[str]) -> DictConfig | None:
+    """A copy of `base` with `key=value` overrides applied as Hydra's composition applies them (in order, after the
+    config groups), when each sets a plain value of a key `base` already holds (seed=3, model.width=64); None when
+    one does not (a config group as model=resnet18, +key, ~key, a new key, a list or dict value): only Hydra can
+    compose that."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(_key(o) != o.split("=", 1)[0] for o in overrides):
+        return None
+    values = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(overrides)}
+    if not all(_is_leaf(base, key) and not isinstance(v, (dict, list)) for key, v in values.items()):
+        return None
+    cfg = copy.deepcopy(base)
+    with open_dict(cfg):
+        for key, value in values.items():
+            OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
 
 
 def _is_leaf(cfg: DictConfig, key: str) -> bool:
