@@ -27,11 +27,15 @@ run: install
 	$(PY) scripts/train.py +exp=double_descent_mnist1d $(if $(DD_WIDTHS),model.width=$(DD_WIDTHS))
 	@echo "Figures: results/double_descent_mnist1d/   Runs: make ui  (then http://127.0.0.1:$(UI_PORT))"
 
+# The suite in TEST_JOBS pytest-xdist workers, a test file each at a time, one torch thread per worker: on 2 cores
+# its CPU-bound tests run side by side (4 min 28 s and 5 min 54 s here against 7 min 27 s in one process; see
+# docs/benchmarks.md). TEST_JOBS=0: one process.
+TEST_JOBS ?= 2
 test: install
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest -m "not slow and not e2e"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile -m "not slow and not e2e"
 
 # Multi-process and cluster-scale tests (marker `cluster`: tests/test_cluster_faults.py's preemption, full disk,
 # tracking-server outage and many writers; test_concurrency.py; test_ddp.py; 4-10 min on 2 cores): outside
