@@ -18,9 +18,9 @@ CONF = ROOT / "conf"
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train"):
     """The config `python scripts/train.py *overrides` would run (without Hydra's own runtime nodes). A composition
-    takes Hydra ~0.2 s here and the suite asks for well over a thousand, most differing only in values (paths.root,
-    seed, a strength): those `key=value` overrides are applied to a cached composition of the others, as the population
-    sweeper composes its jobs (reglab.population.sweeper.with_values); anything else is composed by Hydra."""
+    takes Hydra ~0.2 s here, and tests ask for many that differ only in values (paths.root, seed, a strength; 128 in
+    test_population_penalties.py alone): those `key=value` overrides are applied to a cached composition of the others,
+    as the population sweeper composes its jobs (reglab.population.sweeper.with_values); the rest is Hydra's."""
     from reglab.population.sweeper import with_values
 
     overrides = list(overrides)

@@ -120,3 +120,26 @@ def test_every_group_option_is_a_listed_file():
         group = group.removeprefix("override ")  # e.g. `override hydra/sweeper: population`
         for name in option if OmegaConf.is_list(option) else [option]:
             assert (CONF / group / f"{name}.yaml").exists(), f"{group}/{name}.yaml"
+
+
+@pytest.mark.parametrize("overrides", [
+    ["seed=3", "model.width=8", "paths.root=/tmp/x"],  # plain values only: set on the cached composition
+    ["model.width=8", "model=resnet18", "optim=adam", "optim.lr=0.5"],  # groups first, whatever their place
+    ["+exp=double_descent_mnist1d", "seed=2", "data.label_noise=0.2"],
+    ["regularization=[l2,dropout]", "regularization.l2.strength=0.5", "regularization.dropout.keep_prob=0.7"],
+    ["callbacks.early_stopping=null", "callbacks.checkpoint.every_n_epochs=5"],  # null replaces a node: Hydra's
+    ["model.width=8", "model.width=16"],  # the same key twice: the last wins
+    ["+model.extra=1", "model.width=4"], ["~callbacks.early_stopping", "seed=1"],
+])
+def test_compose_gives_what_hydra_composes(overrides):
+    """conftest.compose caches the composition of everything but plain values and sets those on a copy: the result
+    must be Hydra's own composition of the same overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        expected = hydra_compose(config_name="train", overrides=overrides)
+    got = compose(overrides)
+    assert OmegaConf.to_yaml(got) == OmegaConf.to_yaml(expected)
+    got.seed = 123  # a copy: the cached composition is not changed by a test
+    assert compose(overrides).seed != 123 or "seed=123" in overrides
