@@ -10,7 +10,7 @@ new interpreter does (site hooks on PYTHONPATH, settings libraries read when the
 which modules get imported at all, a resource limit or namespace set before exec) runs fresh: `fresh=True`, and
 automatically with prefix, preexec_fn or such variables other than the server's. Other tests run whole trainings,
 sweeps and reports in new interpreters (test_security's guarded run, the CIFAR preset end to end, test_bad_input's
-early rows)"""
+early rows)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def train_env(**extra: str) -> dict[str, str]:
 
 
 # What a CLI run imports beyond `reglab.train` (a study's report and plots, the population sweeper, MLflow's SQL store
-# and its migrations, scikit-learn's bundled datasets, GitPython for the run's source tags): ~95% of a tiny run's
-# start. The forkserver ignores a name it cannot import; the child then imports it itself, only slower.
+# and its migrations, scikit-learn's bundled datasets, GitPython for the run's source tags): with them a forked tiny
+# run starts at once. The forkserver ignores a name it cannot import; the child then imports it itself, only slower.
 PRELOAD = ["reglab.train", "reglab.cli", "reglab.population.train", "reglab.population.sweeper",
            "reglab.studies.double_descent", "reglab.studies.regularization_grid", "reglab.studies.early_stopping",
            "hydra_plugins.reglab_population.population_sweeper", "hydra._internal.core_plugins.basic_launcher",
