@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
-from reglab.population.base import member_losses
+from reglab.population.base import member_losses, member_rows
 from reglab.errors import CheckpointError, ConfigError, DivergenceError
 from reglab.regularization.averaging import WeightAveraging, has_batch_norm
 from reglab.regularization.base import Regularizer
@@ -170,12 +170,11 @@ class Classifier(L.LightningModule):
             metrics.update({f"train/{name}/{key}": value for name, reg in self.regularizers.items()
                             for key, value in reg.epoch_metrics().items()})
         epoch = self.current_epoch
-        table = torch.stack([v.float() for v in metrics.values()]).tolist()  # one sync; rows: metrics
         if self.members is None:
-            values: Any = dict(zip(metrics, table))
+            values: Any = dict(zip(metrics, torch.stack([v.float() for v in metrics.values()]).tolist()))  # one sync
             shown = metrics
         else:
-            values = [dict(zip(metrics, column)) for column in zip(*table)]  # one dict per member
+            values = member_rows(metrics)  # one dict per member
             fitting = self.trainer.state.fn == TrainerFn.FITTING
             frozen = {m for m, last in self.stopped.items() if fitting and last < epoch}
             for m, v in enumerate(values):

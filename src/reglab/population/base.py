@@ -105,6 +105,12 @@ def member_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2).contiguous(), targets, reduction="none").mean(1)
 
 
+def member_rows(values: dict[str, torch.Tensor]) -> list[dict[str, float]]:
+    """{name: (M,) tensor} -> M dicts {name: value}, member m's at [m], read from the device in one transfer."""
+    table = torch.stack([v.float() for v in values.values()]).tolist()  # rows: names, columns: members
+    return [dict(zip(values, column)) for column in zip(*table)]
+
+
 # --- what must agree between members -------------------------------------------------------------------------
 def describe(module: nn.Module) -> str:
     """A slot's identity as far as fusing goes: type, keep_prob and DropConnect's options (a Linear's size may

@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig
 
 from reglab.classifier import FAILED_KEY
+from reglab.population.base import member_rows
 from reglab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -143,10 +144,9 @@ class MemberStopping(EarlyStopping):
 
         if not trainer.loggers:
             return
-        stacked = evaluate_training_set(module.net, trainer.datamodule)
+        rows = member_rows(evaluate_training_set(module.net, trainer.datamodule))
         for m in members:
-            trainer.loggers[m].log_metrics({k: float(v[m]) for k, v in stacked.items()},
-                                           step=self.stopped[m]["epoch"])
+            trainer.loggers[m].log_metrics(rows[m], step=self.stopped[m]["epoch"])
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # Resumed: the members that had stopped are frozen at the weights last.ckpt holds (restored before this hook).

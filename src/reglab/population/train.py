@@ -14,7 +14,8 @@ own checkpoint folder.
 Resume: the population's `last.ckpt` lives in a folder named by the members' identities in the order of its rows; a
 rerun continues it when every unfinished member's run reaches its epoch (reglab/runs/lookup.py's rule; a member that
 stopped early or diverged, the epoch its history ends at), else all of them start over. Members that cannot be fused
-(and `population.mode=auto`) are trained one after another by reglab.train.run, before any look-up here.
+(and `population.mode=auto`) are trained one after another by reglab.train.run (each with its own look-up and
+resume), before anything of theirs is discarded or written here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -37,6 +39,7 @@ from reglab.classifier import Classifier
 from reglab.config import validate
 from reglab.errors import ConfigError, DivergenceError
 from reglab.population import fusable, fuse
+from reglab.population.base import member_rows
 from reglab.population.data import PopulationDataModule
 from reglab.population.stopping import MemberStopping, history_ends
 from reglab.population.sweeper import SLOT_REGULARIZERS, STEP_REGULARIZERS, member_keys, mode, why_not
@@ -44,7 +47,7 @@ from reglab.regularization.base import Regularizer
 from reglab.regularization.penalties import CoupledWeightDecay, WeightDecay
 from reglab.runs.identity import identity, without_hydra
 from reglab.runs.logger import build_logger
-from reglab.runs.lookup import discard, find_run
+from reglab.runs.lookup import Run, discard, look_up, resume_point
 
 
 def member_configs(cfg: DictConfig) -> list[DictConfig]:
@@ -98,20 +101,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
     cfgs = member_configs(cfg)
     for c in cfgs:
         validate(c)
-    runs = [find_run(c) for c in cfgs]
-    todo = [i for i, r in enumerate(runs) if not r.done]
+    found = [look_up(c) for c in cfgs]
+    todo = [i for i, r in enumerate(found) if not r.done]
     if todo:
         preemption.check(f"population of {len(todo)} members")
-    metrics = [r.metrics or {} for r in runs]
+    metrics = [r.metrics or {} for r in found]
     if todo:
-        for i, m in zip(todo, train_population([cfgs[i] for i in todo])):
+        for i, m in zip(todo, train_population([cfgs[i] for i in todo], [found[i] for i in todo])):
             metrics[i] = m
     progress.members_done(cfg, metrics, todo)  # each member's line in the sweep's progress (reglab/progress.py)
     keys = set.intersection(*(set(m) for m in metrics)) if metrics else set()
     return {k: sum(m[k] for m in metrics) / len(metrics) for k in keys}  # the members' mean, for the job's line
 
 
-def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
+def train_population(cfgs: list[DictConfig], found: list[Run] | None = None) -> list[dict[str, float]]:
+    """Train the members `cfgs` (none of them done) as one population and return each one's final metrics.
+    `found`: their look_up, when the caller has made it."""
     lead = cfgs[0]
     nets, dms = [], []
     for c in cfgs:  # per member, as train.run: seed, data, model and regularizers (its own initialization and split)
@@ -126,29 +131,16 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
             raise ConfigError(f"population.mode=on: these members cannot share a training step ({reason}); use "
                               "population.mode=auto to train them one by one")
         print(f"population: {reason}; training the {len(cfgs)} members one by one", file=sys.stderr)
-        return [train.run(c) for c in cfgs]  # before any look-up here: each member's own run and checkpoint resume
+        return [train.run(c) for c in cfgs]  # each member's own look-up, run and checkpoint resume
 
-    # Named by the members in the order of their rows, which is how the checkpoint holds them (stacked weights,
-    # optimizer and early-stopping state): a rerun that lists the same members in another order starts them over
-    # rather than hand one member's state to another.
-    folder = Path(lead.paths.checkpoints) / ("population-" + hashlib.sha256(
-        " ".join(identity(c) for c in cfgs).encode()).hexdigest()[:12])
-    last = folder / "last.ckpt"
-    # Resumable only from the population's own checkpoint; a member that stopped early or diverged, once its
-    # history reaches the epoch it ends at (its stop epoch; the epoch before it diverged).
-    ends = history_ends(last)
-    runs = [find_run(c, last=last, reached=ends.get(m)) for m, c in enumerate(cfgs)]
-    resume = all(r.ckpt_path for r in runs)
-    for c, r in zip(cfgs, runs):
-        discard(c, r, restart=not resume)
-    if not resume and folder.exists():
-        shutil.rmtree(folder)
+    folder, runs, resume = _resume_or_restart(cfgs, found or [look_up(c) for c in cfgs])
     data = PopulationDataModule(dms)
     regularizers = step_regularizers(cfgs)
     optim = OmegaConf.to_container(lead.optim, resolve=True)
     if "optim.weight_decay" in regularizers:
         optim["weight_decay"] = 0.0
     module = Classifier(fuse(nets, dms[0].input_shape), optim=optim, regularizers=regularizers)
+    last = folder / "last.ckpt"
     if resume:
         module.check_checkpoint(str(last))
     performance.apply(lead.get("performance"), lead.trainer, module.net)
@@ -182,8 +174,7 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
             lg.finalize("failed")
         raise
     # Each member's eval-mode loss and error on its own training split and labels, as train.run logs them.
-    stacked = train.evaluate_training_set(module.net, data)
-    train_eval = [dict(zip(stacked, column)) for column in zip(*torch.stack(list(stacked.values())).tolist())]
+    train_eval = member_rows(train.evaluate_training_set(module.net, data))
     for m, lg in enumerate(loggers):
         if m not in module.failed and m not in module.stopped:  # a stopped member's is logged at its stop
             lg.log_metrics(train_eval[m], step=trainer.current_epoch - 1)  # the last epoch trained
@@ -205,18 +196,41 @@ def train_population(cfgs: list[DictConfig]) -> list[dict[str, float]]:
             loggers[m].fail(f"divergence: {reason}")
             loggers[m].finalize("failed")
     out = []
-    for m, (c, r, net) in enumerate(zip(cfgs, runs, module.net.member_nets())):
-        # The member's own checkpoint folder gets its final weights, as a solo run's last.ckpt holds them, and its
-        # theta* under the name the default callbacks.checkpoint.filename gives a solo run's best file; a diverged
-        # member's weights are not finite and are not kept (its run says why: failure_reason).
+    for m, (r, net) in enumerate(zip(runs, module.net.member_nets())):
         out.append({**module.member_metrics[m], **train_eval[m], **after[m],
                     "model/params": float(sum(p.numel() for p in net.parameters()))})
-        if m in module.failed:
-            continue
-        r.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": final[m], "epoch": ends[m][0], "global_step": ends[m][1]}, r.ckpt_dir / "last.ckpt")
-        best = stopping.best[m] if stopping else None
-        if best is not None:
-            torch.save({"state_dict": {f"net.{k}": v for k, v in best["state"].items()}, "epoch": best["epoch"],
-                        "global_step": best["step"]}, r.ckpt_dir / f"best-{best['epoch']}.ckpt")
+        if m not in module.failed:  # a diverged member's weights are not finite and are not kept (failure_reason)
+            _save_member(r.ckpt_dir, final[m], ends[m], stopping.best[m] if stopping else None)
     return out
+
+
+def _resume_or_restart(cfgs: list[DictConfig], found: list[Run]) -> tuple[Path, list[Run], bool]:
+    """The population's checkpoint folder, each member's run as it continues (or starts), and whether the fit resumes
+    from the folder's last.ckpt: only if every member's history reaches it (a member that stopped early or diverged,
+    the epoch its history ends at); else every member starts over, its attempts and the folder discarded."""
+    # Named by the members in the order of their rows, which is how the checkpoint holds them (stacked weights,
+    # optimizer and early-stopping state): a rerun that lists the same members in another order starts them over
+    # rather than hand one member's state to another.
+    folder = Path(cfgs[0].paths.checkpoints) / ("population-" + hashlib.sha256(
+        " ".join(identity(c) for c in cfgs).encode()).hexdigest()[:12])
+    last = folder / "last.ckpt"
+    ends = history_ends(last)
+    runs = [resume_point(c, r, last=last, reached=ends.get(m)) for m, (c, r) in enumerate(zip(cfgs, found))]
+    resume = all(r.ckpt_path for r in runs)
+    for c, r in zip(cfgs, runs):
+        discard(c, r, restart=not resume)
+    if not resume and folder.exists():
+        shutil.rmtree(folder)
+    return folder, runs, resume
+
+
+def _save_member(folder: Path, final: dict[str, torch.Tensor], end: tuple[int, int],
+                 best: dict[str, Any] | None) -> None:
+    """A member's own checkpoint folder: its final weights (epoch, step) as a solo run's last.ckpt holds them and,
+    with early stopping, its theta* under the name the default callbacks.checkpoint.filename gives a solo run's best
+    file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": final, "epoch": end[0], "global_step": end[1]}, folder / "last.ckpt")
+    if best is not None:
+        torch.save({"state_dict": {f"net.{k}": v for k, v in best["state"].items()}, "epoch": best["epoch"],
+                    "global_step": best["step"]}, folder / f"best-{best['epoch']}.ckpt")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -56,6 +56,9 @@ class Run:
     tags: dict[str, str] = field(default_factory=dict)  # parent/child tags of a study child
     in_study: bool = False
     stale: list[str] = field(default_factory=list)  # run ids of attempts that will not continue
+    # The unfinished attempts the store holds, newest first, as (run id, reglab.logged_epoch): what `resume_point`
+    # chooses from.
+    attempts: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -97,6 +100,13 @@ def find_run(cfg: DictConfig, last: Path | None = None, reached: int | None = No
     checkpoint a resume would load (default: last.ckpt in the run's own folder; a population's is shared);
     `reached`, the epoch the history must reach to continue from it (default: the checkpoint's; a population member
     that stopped early logs nothing after its stop epoch)."""
+    return resume_point(cfg, look_up(cfg), last, reached)
+
+
+def look_up(cfg: DictConfig) -> Run:
+    """What the store holds of this configuration: a done run (`Run.done`), or its unfinished attempts
+    (`Run.attempts`), which `resume_point` chooses from once the checkpoint to resume is known (a population knows
+    its checkpoint only after it has looked up every member)."""
     ident, name = identity(cfg), run_name(cfg)
     run = Run(ident, name, Path(cfg.paths.checkpoints) / f"{name}-{ident[:12]}")
     if cfg.logger.get("backend") != "mlflow":
@@ -124,13 +134,24 @@ def find_run(cfg: DictConfig, last: Path | None = None, reached: int | None = No
                                                "'FINISHED'", order_by=["attributes.start_time DESC"])
                  if "mlflow.parentRunId" not in r.data.tags and (
                      r.info.status == "RUNNING" or r.data.tags.get(RESUMABLE_TAG) == "true")]
+    run.attempts = [(r.info.run_id, int(r.data.tags.get(LOGGED_EPOCH_TAG, -1))) for r in found]
+    return run
+
+
+def resume_point(cfg: DictConfig, run: Run, last: Path | None = None, reached: int | None = None) -> Run:
+    """`run` (from look_up) with what continues decided: the newest attempt, from `last`, if its history reaches
+    `reached` (default: the checkpoint's epoch); every other attempt is stale. `last` and `reached` as find_run's."""
+    if run.done:
+        return run
+    run = replace(run, run_id=None, ckpt_path=None, logged_epoch=-1)
+    attempts = list(run.attempts)
     last = last or run.ckpt_dir / "last.ckpt"
-    if found and cfg.get("resume", "auto") != "restart":
-        logged = int(found[0].data.tags.get(LOGGED_EPOCH_TAG, -1))
+    if attempts and cfg.get("resume", "auto") != "restart":
+        run_id, logged = attempts[0]
         if last.exists() and logged >= (checkpoint_epoch(last) if reached is None else reached):
-            run.run_id, run.ckpt_path, run.logged_epoch = found[0].info.run_id, str(last), logged
-            found = found[1:]  # only one attempt per configuration continues
-    run.stale = [r.info.run_id for r in found]
+            run.run_id, run.ckpt_path, run.logged_epoch = run_id, str(last), logged
+            attempts = attempts[1:]  # only one attempt per configuration continues
+    run.stale = [run_id for run_id, _ in attempts]
     return run
 
 
