@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import reglab  # noqa: F401  (no-network environment first)
+from reglab.config import override_key
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -46,12 +47,12 @@ def _plain_value(override: str) -> bool:
 
 def _group(override: str) -> bool:
     """Chooses a config group's option (model=resnet18, hydra/launcher=basic, +exp=x): Hydra applies these first."""
-    key = override.split("=", 1)[0].lstrip("+~")
+    key = override_key(override)
     return "/" in key or "@" in key or ("." not in key and (CONF / key).is_dir())
 
 
 def _overlap(a: str, b: str) -> bool:
-    a, b = a.split("=", 1)[0].lstrip("+~"), b.split("=", 1)[0]
+    a, b = override_key(a), override_key(b)
     return a == b or a.startswith(b + ".") or b.startswith(a + ".")
 
 

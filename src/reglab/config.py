@@ -25,6 +25,12 @@ REGULARIZER_RULES = {
 }
 
 
+def override_key(override: str) -> str:
+    """The key or config group a command-line override sets: `+regularization.l2.strength=1` ->
+    `regularization.l2.strength`, `~callbacks.early_stopping` -> `callbacks.early_stopping`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _check(cond: bool, key: str, value, expected: str) -> None:
     if not cond:
         raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")

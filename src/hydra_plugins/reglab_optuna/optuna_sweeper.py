@@ -62,6 +62,7 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         import optuna
 
+        from reglab.config import override_key
         from reglab.studies import tune
 
         cfg = self.config
@@ -126,7 +127,7 @@ class OptunaSweeper(Sweeper):
             best = study.best_trial
             log.info("best trial %d (%s = %.4g): %s; evaluated with seeds %s against the preset's values",
                      best.number, "value", best.value, best.params, seeds)
-            keep = [a for a in fixed if tune.override_key(a) != "seed"]
+            keep = [a for a in fixed if override_key(a) != "seed"]
             jobs = [[*keep, *tune.overrides(best.params), f"seed={s}"] for s in seeds]
             jobs += [[*keep, f"seed={s}"] for s in seeds]
             returns = self._launch(jobs)

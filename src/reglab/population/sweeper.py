@@ -21,6 +21,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from reglab.config import override_key
+
 log = logging.getLogger(__name__)
 # Plain values that leave a step's shapes alone. optim.weight_decay: a population whose members differ in it gives
 # each its own through a hook, the optimizer's own set to 0 (reglab/population/train.py).
@@ -138,28 +140,32 @@ def plan(config: DictConfig, loader, jobs: list[list[str]], swept: set[str]) -> 
     mode(config)  # a wrong value: one line, before anything runs
     cfgs = sweep_configs(config, loader, jobs)
     groups: dict[str, list[int]] = {}
+    differ: dict[str, set[str]] = {}  # per group: the swept keys its members may differ in
     alone: list[int] = []
     for i, cfg in enumerate(cfgs):
         if why_not(cfg) is None:
             # A population job carries its first member's other overrides: configurations that differ in one the
             # identity leaves out (logger.experiment, paths.*: where a run is kept, not what it trains) are apart.
-            listed = set(member_keys(cfg)) & swept
-            rest = tuple(sorted(o for o in jobs[i] if _key(o) not in listed))
-            groups.setdefault(f"{identity(cfg, without=member_keys(cfg))} {rest}", []).append(i)
+            keys = member_keys(cfg)
+            members = set(keys) & swept
+            rest = tuple(sorted(o for o in jobs[i] if override_key(o) not in members))
+            group = f"{identity(cfg, without=keys)} {rest}"
+            groups.setdefault(group, []).append(i)
+            differ[group] = members
         else:
             alone.append(i)
     parts = parallel_jobs(config)
     out = [jobs[i] for i in alone]
     costs = [cost(c) for c in cfgs]
     widths = [c.model.get("width") for c in cfgs]
-    for members in groups.values():
+    for group, members in groups.items():
         if len(members) == 1:
             out.append(jobs[members[0]])
             continue
-        keys = set(member_keys(cfgs[members[0]])) & swept
+        keys = differ[group]
         for part in split(members, costs, widths, parts):
-            common = [o for o in jobs[part[0]] if _key(o) not in keys]
-            listed = ",".join("'" + " ".join(o for o in jobs[i] if _key(o) in keys) + "'" for i in part)
+            common = [o for o in jobs[part[0]] if override_key(o) not in keys]
+            listed = ",".join("'" + " ".join(o for o in jobs[i] if override_key(o) in keys) + "'" for i in part)
             out.append([*common, f"population.members=[{listed}]"])
     log.info("population: %d configurations in %d jobs", len(jobs), len(out))
     return out
@@ -184,7 +190,7 @@ def with_values(base: DictConfig, overrides: list[str]) -> DictConfig | None:
     compose that."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    if any(_key(o) != o.split("=", 1)[0] for o in overrides):
+    if any(override_key(o) != o.split("=", 1)[0] for o in overrides):
         return None
     values = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(overrides)}
     if not all(_is_leaf(base, key) and not isinstance(v, (dict, list)) for key, v in values.items()):
@@ -213,6 +219,3 @@ def parallel_jobs(config: DictConfig) -> int:
     n = int(n)
     return n if n > 0 else max(1, (os.cpu_count() or 1) + 1 + n)
 
-
-def _key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")

@@ -50,10 +50,6 @@ TEST = ("test/err", "test/loss")  # compared tuned vs default over the evaluatio
 
 # ---- the sweep's side (called by the sweeper in the launching process) ----
 
-def override_key(arg: str) -> str:
-    return arg.split("=", 1)[0].lstrip("+~")
-
-
 def search_space(arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
     """({key: Optuna distribution} of the sweep overrides, [the other overrides, as given]). Grammar of Hydra's
     optuna sweeper: `interval(a, b)` uniform, `tag(log, interval(a, b))` log-uniform (integers if both ends are),
