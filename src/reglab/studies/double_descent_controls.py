@@ -172,7 +172,7 @@ def report_curves(client, parent, out: Path, x: str, line: str, tune: bool = Fal
             f"fractions (0.5 = 50%).\n\n## Largest rise of the mean test error along `{x}`\n\nFrom `x_lo` to a "
             f"larger `x_hi`, chosen on the means; `diff_*` = the per-seed differences test_err(x_hi) - "
             f"test_err(x_lo); `distinct`: the 95% interval excludes 0. A negative rise: the curve only falls.\n\n"
-            + markdown_table(rises) + f"\n## Curves\n\n" + markdown_table(table[[
+            + markdown_table(rises) + "\n## Curves\n\n" + markdown_table(table[[
                 c for c in table.columns if not c.endswith(("_std", "_ci_low", "_ci_high"))]])
             + _left_out(left, x, line))
     (out / "summary.md").write_text(note + "\n")
