@@ -6,10 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
+
+from train_cli import train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_gpu.py"
@@ -35,9 +35,8 @@ def test_interpolations_recover_what_they_assume():
 
 
 def test_population_case_smoke_runs_on_cpu(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
-    out = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--cases", "c"], capture_output=True, text=True,
-                         env=env, timeout=300, cwd=tmp_path)
+    out = train_cli("--smoke", "--cases", "c", script=SCRIPT, cwd=tmp_path, timeout=300, OUT=str(tmp_path),
+                    OMP_NUM_THREADS="1")
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [r for r in (tmp_path / "bench_gpu.md").read_text().splitlines() if r.startswith("| (c)")]
     assert len(rows) == 6 and not [r for r in rows if "failed:" in r], rows  # matmul, FLOPs, 2 widths, 2 estimates
@@ -56,7 +55,6 @@ def test_population_case_smoke_runs_on_cpu(tmp_path):
     assert math.isclose(hours["solo"], expected, rel_tol=1e-9)
 
 
-def test_cases_flag_rejects_unknown_case():
-    out = subprocess.run([sys.executable, str(SCRIPT), "--cases", "a,x"], capture_output=True, text=True,
-                         env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}, timeout=120)
+def test_cases_flag_rejects_unknown_case(tmp_path):
+    out = train_cli("--cases", "a,x", script=SCRIPT, cwd=tmp_path)
     assert out.returncode == 2 and "--cases" in out.stderr

@@ -3,13 +3,12 @@ MLflow study, every file written locally and to the parent run, and the report s
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import compose
+from train_cli import train_cli
 
 from reglab.runs import study as runs_study
 
@@ -115,8 +114,8 @@ def test_report_writes_every_file_locally_and_to_the_parent_run(report_dir, mlfl
 
 
 def test_report_script_names_a_missing_study_in_one_line(tmp_root, mlflow_uri):
-    out = subprocess.run([sys.executable, str(SCRIPT), "study=no_such_study", f"paths.root={tmp_root}",
-                          f"logger.tracking_uri={mlflow_uri}"], capture_output=True, text=True, timeout=120)
+    out = train_cli("study=no_such_study", f"paths.root={tmp_root}", f"logger.tracking_uri={mlflow_uri}",
+                    script=SCRIPT, cwd=tmp_root)
     assert out.returncode == 2
     assert out.stderr.strip() == "error: study='no_such_study': no parent run in this MLflow store (run the sweep first)"
 

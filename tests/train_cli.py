@@ -104,9 +104,10 @@ def _child(script: str, args: Sequence[str], cwd: str, env: dict[str, str], out:
 class Forked:
     """A forked CLI process with the part of Popen's interface the tests use."""
 
-    def __init__(self, args: Sequence[str], cwd: Path, env: dict[str, str], out: Path, err: Path):
-        self.args = [sys.executable, str(SCRIPT), *args]
-        self.proc = _server["ctx"].Process(target=_child, args=(str(SCRIPT), list(args), str(cwd), env, str(out),
+    def __init__(self, args: Sequence[str], cwd: Path, env: dict[str, str], out: Path, err: Path,
+                 script: Path = SCRIPT):
+        self.args = [sys.executable, str(script), *args]
+        self.proc = _server["ctx"].Process(target=_child, args=(str(script), list(args), str(cwd), env, str(out),
                                                                   str(err)))
         self.proc.start()
         self.pid = self.proc.pid
@@ -126,13 +127,15 @@ class Forked:
 
 
 def launch(*args: str, cwd: Path, out: Path, err: Path, fresh: bool = False, prefix: Sequence[str] = (),
-           preexec_fn: Callable[[], Any] | None = None, **extra_env: str) -> Forked | subprocess.Popen:
-    """The CLI in the background, its output in the files `out` and `err` (which may be the same)."""
+           preexec_fn: Callable[[], Any] | None = None, script: Path = SCRIPT,
+           **extra_env: str) -> Forked | subprocess.Popen:
+    """The CLI (or another of scripts/) in the background, its output in the files `out` and `err` (which may be the
+    same)."""
     env = train_env(**extra_env)
     if not (fresh or prefix or preexec_fn) and _forkable(env):
-        return Forked(args, cwd, env, out, err)
+        return Forked(args, cwd, env, out, err, script)
     with open(out, "w") as o, open(err, "w") if err != out else open(os.devnull) as e:
-        return subprocess.Popen([*prefix, sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, stdout=o,
+        return subprocess.Popen([*prefix, sys.executable, str(script), *args], cwd=cwd, env=env, stdout=o,
                                 stderr=e if err != out else subprocess.STDOUT, preexec_fn=preexec_fn)
 
 
@@ -177,14 +180,15 @@ def kill_once_logged(*args: str, root: Path, epoch: int, timeout: float = 180) -
 
 
 def train_cli(*args: str, cwd: Path, timeout: float = 120, fresh: bool = False, prefix: Sequence[str] = (),
-              preexec_fn: Callable[[], Any] | None = None, **extra_env: str) -> subprocess.CompletedProcess:
+              preexec_fn: Callable[[], Any] | None = None, script: Path = SCRIPT,
+              **extra_env: str) -> subprocess.CompletedProcess:
     """`fresh`: a new interpreter even where a fork would do; `prefix`: a command that runs the CLI (e.g. in a mount
     namespace of its own); `preexec_fn`: runs in the child before the CLI starts (e.g. a resource limit). Both imply
-    `fresh`."""
+    `fresh`. `script`: another of scripts/ (report.py, bench_gpu.py), run the same way."""
     folder = Path(tempfile.mkdtemp(prefix="train_cli-"))
     try:
         proc = launch(*args, cwd=cwd, out=folder / "stdout", err=folder / "stderr", fresh=fresh, prefix=prefix,
-                      preexec_fn=preexec_fn, **extra_env)
+                      preexec_fn=preexec_fn, script=script, **extra_env)
         try:
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
