@@ -123,7 +123,10 @@ def _sigterm_after_epoch(epoch: int):
     return hook
 
 
-def test_a_population_stopped_after_a_members_stop_resumes_to_the_same_result(trained, tmp_path, empty_store):
+@pytest.mark.parametrize("written_by", ["this version", "before MemberBest"])
+def test_a_population_stopped_after_a_members_stop_resumes_to_the_same_result(trained, tmp_path, empty_store,
+                                                                               written_by):
+    """`before MemberBest`: a checkpoint written when theta* was part of MemberStopping's state (until 2026-12-03)."""
     from reglab import preemption
     from reglab.population import stopping
     from reglab.population.train import train_population
@@ -145,6 +148,13 @@ def test_a_population_stopped_after_a_members_stop_resumes_to_the_same_result(tr
         preemption.reset()
     last = next((root / "outputs" / "checkpoints").glob("population-*/last.ckpt"))
     assert stopping.history_ends(last) == {m: e for m, e in stops.items() if e <= kill}
+    if written_by == "before MemberBest":
+        ckpt = torch.load(last, weights_only=True)
+        states = ckpt["callbacks"]
+        [key] = [k for k in states if k.startswith("MemberStopping{")]
+        states[key]["best"] = [None if b is None else {k: v for k, v in b.items() if k != "metrics"}
+                               for b in states.pop("MemberBest")["best"]]
+        torch.save(ckpt, last)
     killed = {r.info.run_id for r in client_of(root).search_runs([client_of(root).get_experiment_by_name("es")
                                                                    .experiment_id])}
     again = train_population(configs(root))
@@ -152,6 +162,46 @@ def test_a_population_stopped_after_a_members_stop_resumes_to_the_same_result(tr
     assert histories(root) == pop_h  # every epoch once, the same values, each run FINISHED
     assert {r.info.run_id for r in client_of(root).search_runs([client_of(root).get_experiment_by_name("es")
                                                                .experiment_id])} == killed  # continued, not redone
+
+
+@pytest.mark.parametrize("checkpoint", [
+    # The default callbacks.checkpoint (best-<epoch>.ckpt by val/loss) without early stopping: best file, final test.
+    ["callbacks.early_stopping=null"],
+    # The double-descent presets': no monitor, the latest due epoch under epoch-<epoch>.ckpt.
+    ["callbacks.early_stopping=null", "callbacks.checkpoint.monitor=null",
+     "callbacks.checkpoint.filename='epoch-{epoch}'", "callbacks.checkpoint.every_n_epochs=3"],
+    # A template with a metric in it, and early stopping (tested at theta*).
+    ["callbacks.checkpoint.filename='e{epoch}-err{val/err:.3f}'"],
+], ids=["best-by-val-loss", "latest-every-3", "metric-in-name-and-early-stopping"])
+def test_each_members_checkpoint_folder_holds_the_files_of_its_solo_run(tmp_path, checkpoint):
+    """Every member's folder has the files its solo run's has, by name, each with the same step and weights within
+    1e-5, the best file also with the same epoch: theta* is kept per member with or without early stopping
+    (population/stopping.MemberBest). (A solo last.ckpt written when training ends, not at an epoch's end, holds
+    Lightning's epoch count there, one more than the last epoch's index that a member's last.ckpt holds.)"""
+    from reglab.population.train import train_population
+    from reglab.runs.lookup import find_run
+    from reglab.train import run
+
+    def members(root):
+        base = [o for o in BASE if not o.startswith("logger.")]
+        return [compose([*base, f"paths.root={root}", f"seed={s}", "logger=none", "trainer.max_epochs=8",
+                         *checkpoint]) for s in SEEDS]
+
+    solo = [run(c) for c in members(tmp_path / "solo")]
+    pop = train_population(members(tmp_path / "pop"))
+    for c_solo, c_pop, a, b in zip(members(tmp_path / "solo"), members(tmp_path / "pop"), solo, pop):
+        assert b["test/loss"] == pytest.approx(a["test/loss"], rel=1e-5)
+        solo_dir, pop_dir = find_run(c_solo).ckpt_dir, find_run(c_pop).ckpt_dir
+        files = sorted(f.name for f in solo_dir.glob("*.ckpt"))
+        assert len(files) == 2 and sorted(f.name for f in pop_dir.glob("*.ckpt")) == files
+        for name in files:
+            theirs, ours = (torch.load(d / name, map_location="cpu", weights_only=True) for d in (solo_dir, pop_dir))
+            assert ours["global_step"] == theirs["global_step"], name
+            assert name == "last.ckpt" or ours["epoch"] == theirs["epoch"], name
+            assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+            for k, v in theirs["state_dict"].items():
+                torch.testing.assert_close(ours["state_dict"][k].float(), v.float(), rtol=1e-5, atol=1e-6,
+                                           msg=f"{name}: {k}")
 
 
 def test_why_not_still_refuses_retrain_and_continue_after_early_stopping():

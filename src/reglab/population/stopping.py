@@ -3,9 +3,10 @@ run stops, stays frozen from then on, and is tested at its theta*, the weights i
 
 At the end of each epoch, for every member still training and with that member's own metrics
 (`Classifier.member_metrics`):
-- theta*: ModelCheckpoint's rule for its best file (conf/callbacks/checkpoint.yaml: monitor, mode, every_n_epochs),
-  kept as a copy of the member's weights in memory: at each epoch a checkpoint is due, the first epoch with the best
-  monitored value (NaN counts as the worst);
+- theta*: `MemberBest`, ModelCheckpoint's rule for its best file (conf/callbacks/checkpoint.yaml: monitor, mode,
+  every_n_epochs), kept as a copy of the member's weights in memory: at each epoch a checkpoint is due, the first
+  epoch with the best monitored value (NaN counts as the worst; without a monitor, the latest). It runs with or
+  without early stopping, so each member's checkpoint folder gets the best file its solo run's has;
 - the stopping decision: Lightning's own, one EarlyStopping per member asked with the member's monitored value, at
   the point of the epoch where the solo run's EarlyStopping is asked;
 - a member told to stop is frozen: its parameters and buffers are put back after every optimizer step (momentum,
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig
 
 from reglab.classifier import FAILED_KEY
@@ -46,13 +47,10 @@ class MemberStopping(EarlyStopping):
     has computed the epoch's metrics and before the checkpoint that saves this state, and on the solo run's schedule
     (check_on_train_epoch_end). Its own best_score and wait_count stay unused; `rules` decide, one per member."""
 
-    def __init__(self, rules: list[EarlyStopping], best: dict[str, Any] | None,
-                 check_on_train_epoch_end: bool | None = None):
+    def __init__(self, rules: list[EarlyStopping], check_on_train_epoch_end: bool | None = None):
         super().__init__(monitor=rules[0].monitor, mode=rules[0].mode,
                          check_on_train_epoch_end=check_on_train_epoch_end)
         self.rules = rules
-        self.best_rule = best  # {"monitor", "mode", "every_n_epochs"}, or None: no best checkpoint, final weights
-        self.best: list[dict[str, Any] | None] = [None] * len(rules)  # score, epoch, step, state
         # The Trainer's should_stop stays set once EarlyStopping sets it, and the solo run stops at the first epoch
         # where trainer.min_epochs allows: `asked` is that flag per member.
         self.asked = [False] * len(rules)
@@ -62,47 +60,15 @@ class MemberStopping(EarlyStopping):
 
     @classmethod
     def from_config(cls, cfg: DictConfig, members: int) -> MemberStopping | None:
-        callbacks = cfg.get("callbacks") or {}
-        node = callbacks.get("early_stopping")
+        node = (cfg.get("callbacks") or {}).get("early_stopping")
         if node is None:
             return None
-        ck = callbacks.get("checkpoint")
-        best = None
-        if ck is not None and ck.get("save_top_k", 1) != 0:
-            every = ck.get("every_n_epochs")  # None: ModelCheckpoint's default, every epoch
-            best = {"monitor": ck.get("monitor"), "mode": ck.get("mode", "min"),
-                    "every_n_epochs": 1 if every is None else int(every)}
-        return cls([instantiate(node) for _ in range(members)], best, node.get("check_on_train_epoch_end"))
+        return cls([instantiate(node) for _ in range(members)], node.get("check_on_train_epoch_end"))
 
     def training(self, module) -> list[int]:
         return [m for m in range(len(self.rules)) if m not in self.stopped and m not in module.failed]
 
     # --- the epoch's decisions ------------------------------------------------------------------------------
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.fast_dev_run:  # as ModelCheckpoint: no checkpoint under fast_dev_run
-            self._remember_best(trainer, pl_module)
-        super().on_train_epoch_end(trainer, pl_module)  # the stopping check, when the solo run's is at epoch end
-
-    def _remember_best(self, trainer, module) -> None:
-        rule, epoch = self.best_rule, trainer.current_epoch
-        if rule is None or rule["every_n_epochs"] < 1 or (epoch + 1) % rule["every_n_epochs"]:
-            return
-        for m in self.training(module):
-            current = None  # ModelCheckpoint without a monitor: its best file is the latest
-            if rule["monitor"] is not None:
-                value = module.member_metrics[m].get(rule["monitor"])
-                if value is None:
-                    raise ConfigError(f"callbacks.checkpoint.monitor={rule['monitor']!r} is not a metric of the "
-                                      f"population's members: {', '.join(sorted(module.member_metrics[m]))}")
-                current = torch.tensor(value, dtype=torch.float32)  # the float32 value its solo run compares
-                if torch.isnan(current):
-                    current = torch.tensor(math.inf if rule["mode"] == "min" else -math.inf)
-                best = self.best[m]
-                if best is not None and not BETTER[rule["mode"]](current, best["score"]):
-                    continue
-            self.best[m] = {"score": current, "epoch": epoch, "step": trainer.global_step,
-                            "state": module.net.member_state_dict(m)}
-
     def _run_early_stopping_check(self, trainer) -> None:
         if trainer.fast_dev_run:
             return
@@ -161,27 +127,22 @@ class MemberStopping(EarlyStopping):
             pl_module.net.load_member_state_dict(m, state)
 
     # --- after fit --------------------------------------------------------------------------------------------
-    def load_best(self, net) -> None:
-        """Every member with a theta* at theta*, for the test (the solo run tests ckpt_path="best")."""
-        for m, best in enumerate(self.best):
-            if best is not None:
-                net.load_member_state_dict(m, best["state"])
-
-    def metrics(self, m: int) -> dict[str, float]:
-        """early_stopping/* of member m, as reglab.early_stopping.after_stop gives a solo run with after_stop=none."""
+    def metrics(self, m: int, best: dict[str, Any] | None) -> dict[str, float]:
+        """early_stopping/* of member m, as reglab.early_stopping.after_stop gives a solo run with after_stop=none;
+        `best`: the member's theta* (MemberBest.best[m]), None without one."""
         out = {}
         score = self.rules[m].best_score
         if score is not None and torch.isfinite(score):
             out["early_stopping/best_val_loss"] = float(score)
-        if self.best[m] is not None:
-            out["early_stopping/best_step"] = float(self.best[m]["step"])
-            out["early_stopping/best_epoch"] = float(self.best[m]["epoch"])
+        if best is not None:
+            out["early_stopping/best_step"] = float(best["step"])
+            out["early_stopping/best_epoch"] = float(best["epoch"])
         return out
 
     # --- checkpoint -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"rules": [r.state_dict() for r in self.rules], "asked": list(self.asked),
-                "stopped": {m: dict(s) for m, s in self.stopped.items()}, "best": list(self.best)}
+                "stopped": {m: dict(s) for m, s in self.stopped.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if len(state_dict["rules"]) != len(self.rules):
@@ -191,6 +152,98 @@ class MemberStopping(EarlyStopping):
             rule.load_state_dict(state)
         self.asked = list(state_dict["asked"])
         self.stopped = {int(m): dict(s) for m, s in state_dict["stopped"].items()}
+
+
+class MemberBest(Checkpoint):
+    """theta* of every member, by the rule the solo run's ModelCheckpoint keeps its best file by (save_top_k=1:
+    the one best file), and that file's name from callbacks.checkpoint.filename. Members that failed, or stopped
+    before this epoch, keep what they have.
+
+    A Checkpoint, so that Lightning calls it where it calls ModelCheckpoint: after the module's epoch-end hook has
+    computed the epoch's metrics (callbacks that are neither Checkpoint nor EarlyStopping run before that hook), and
+    after MemberStopping. Listed before the population's own Checkpoint, whose last.ckpt then holds this epoch's
+    theta* (Lightning keeps the order of Checkpoint callbacks)."""
+
+    def __init__(self, members: int, monitor: str | None, mode: str = "min", every_n_epochs: int = 1,
+                 filename: str | None = None, auto_insert_metric_name: bool = True):
+        self.monitor, self.mode, self.every_n_epochs = monitor, mode, every_n_epochs
+        self.filename, self.auto_insert_metric_name = filename, auto_insert_metric_name
+        # score, epoch, step, the member's metrics of that epoch (for the file name), state
+        self.best: list[dict[str, Any] | None] = [None] * members
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, members: int) -> MemberBest | None:
+        ck = (cfg.get("callbacks") or {}).get("checkpoint")
+        if ck is None or ck.get("save_top_k", 1) == 0:
+            return None
+        every = ck.get("every_n_epochs")  # None: ModelCheckpoint's default, every epoch
+        return cls(members, ck.get("monitor"), ck.get("mode", "min"), 1 if every is None else int(every),
+                   ck.get("filename"), ck.get("auto_insert_metric_name", True))
+
+    @property
+    def state_key(self) -> str:
+        return type(self).__name__
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        epoch = trainer.current_epoch
+        if trainer.fast_dev_run or self.every_n_epochs < 1 or (epoch + 1) % self.every_n_epochs:
+            return  # as ModelCheckpoint: nothing under fast_dev_run, only at due epochs
+        for m in range(len(self.best)):
+            if m in module.failed or module.stopped.get(m, epoch) < epoch:
+                continue
+            metrics = dict(module.member_metrics[m])
+            current = None  # ModelCheckpoint without a monitor: its best file is the latest
+            if self.monitor is not None:
+                value = metrics.get(self.monitor)
+                if value is None:
+                    raise ConfigError(f"callbacks.checkpoint.monitor={self.monitor!r} is not a metric of the "
+                                      f"population's members: {', '.join(sorted(metrics))}")
+                current = torch.tensor(value, dtype=torch.float32)  # the float32 value its solo run compares
+                if torch.isnan(current):
+                    current = torch.tensor(math.inf if self.mode == "min" else -math.inf)
+                best = self.best[m]
+                if best is not None and not BETTER[self.mode](current, best["score"]):
+                    continue
+            self.best[m] = {"score": current, "epoch": epoch, "step": trainer.global_step, "metrics": metrics,
+                            "state": module.net.member_state_dict(m)}
+
+    def load_best(self, net) -> None:
+        """Every member with a theta* at theta*, for the test (the solo run tests ckpt_path="best")."""
+        for m, best in enumerate(self.best):
+            if best is not None:
+                net.load_member_state_dict(m, best["state"])
+
+    def save(self, m: int, folder: Path) -> None:
+        """Member m's theta* in its own checkpoint folder, as the one best file its solo run's
+        callbacks.checkpoint keeps: the same name, the weights, epoch and step."""
+        best = self.best[m]
+        if best is None:
+            return
+        metrics = {k: torch.tensor(v) for k, v in best["metrics"].items()}
+        metrics.update(epoch=torch.tensor(best["epoch"]), step=torch.tensor(best["step"]))
+        name = ModelCheckpoint(filename=self.filename, auto_insert_metric_name=self.auto_insert_metric_name
+                               ).format_checkpoint_name(metrics)
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)  # a metric named a/b in the template: a folder, as Lightning's
+        torch.save({"state_dict": {f"net.{k}": v for k, v in best["state"].items()}, "epoch": best["epoch"],
+                    "global_step": best["step"]}, path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": list(self.best)}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # A population checkpoint written before theta* had a callback of its own (until 2026-12-03) holds it in
+        # MemberStopping's state: a run interrupted then and resumed now keeps the theta* it had found.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states:
+            for key, state in states.items():
+                if key.startswith(MemberStopping.__name__ + "{") and "best" in state:
+                    self.load_state_dict({"best": [None if b is None else {"metrics": {}, **b} for b in state["best"]]})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if len(state_dict["best"]) != len(self.best):
+            raise ConfigError(f"the checkpoint's theta* holds {len(state_dict['best'])} members, this population "
+                              f"has {len(self.best)}")
         self.best = list(state_dict["best"])
 
 

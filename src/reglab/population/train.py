@@ -8,8 +8,8 @@ look up every member (done ones drop out) -> per member: seed, data, model -> fu
 population, with the members' penalties and step hooks, each member's strength its own (`step_regularizers`) -> one
 RunLogger per member -> Trainer (a checkpoint of the whole population; with early stopping, each
 member stops at its own epoch: population/stopping.py) -> fit -> each member's training split in evaluation mode
-(train_eval/{loss,err}) -> test (with early stopping, each member at its theta*) -> each member's weights into its
-own checkpoint folder.
+(train_eval/{loss,err}) -> test (with early stopping, each member at its theta*) -> each member's last and best
+(theta*, population/stopping.MemberBest) weights into its own checkpoint folder, under its solo run's file names.
 
 Resume: the population's `last.ckpt` lives in a folder named by the members' identities in the order of its rows; a
 rerun continues it when every unfinished member's run reaches its epoch (reglab/runs/lookup.py's rule; a member that
@@ -24,7 +24,6 @@ import hashlib
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -41,7 +40,7 @@ from reglab.errors import ConfigError, DivergenceError
 from reglab.population import fusable, fuse
 from reglab.population.base import member_rows
 from reglab.population.data import PopulationDataModule
-from reglab.population.stopping import MemberStopping, history_ends
+from reglab.population.stopping import MemberBest, MemberStopping, history_ends
 from reglab.population.sweeper import SLOT_REGULARIZERS, STEP_REGULARIZERS, member_keys, mode, why_not
 from reglab.regularization.base import Regularizer
 from reglab.regularization.penalties import CoupledWeightDecay, WeightDecay
@@ -151,10 +150,11 @@ def train_population(cfgs: list[DictConfig], found: list[Run] | None = None) -> 
     checkpoint = Checkpoint(dirpath=str(folder), monitor=None, save_top_k=0, save_last=True,
                             every_n_epochs=int(ck.get("every_n_epochs") or 1), last_every_s=ck.get("last_every_s"),
                             stop_within_s=ck.get("stop_within_s"), save_on_train_epoch_end=True)
-    # The population's own checkpoint (all members, optimizer, loops), early stopping per member and, on a
-    # terminal, the preset's progress bar.
+    # The population's own checkpoint (all members, optimizer, loops), each member's theta* and early stopping
+    # and, on a terminal, the preset's progress bar.
+    theta_star = MemberBest.from_config(lead, len(cfgs))  # before `checkpoint`: see MemberBest
     stopping = MemberStopping.from_config(lead, len(cfgs))
-    callbacks = [checkpoint, *([stopping] if stopping else []),
+    callbacks = [*(c for c in (theta_star, checkpoint, stopping) if c is not None),
                  *(c for c in train.build_callbacks(lead, folder) if isinstance(c, ProgressBar))]
     trainer = instantiate(lead.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(folder),
                           enable_checkpointing=True,
@@ -182,12 +182,13 @@ def train_population(cfgs: list[DictConfig], found: list[Run] | None = None) -> 
     final = [{f"net.{k}": v.clone() for k, v in net.state_dict().items()} for net in module.net.member_nets()]
     ends = [(stopping.stopped[m]["epoch"], stopping.stopped[m]["step"]) if stopping and m in stopping.stopped
             else (trainer.current_epoch - 1, trainer.global_step) for m in range(len(cfgs))]
-    if stopping:
-        stopping.load_best(module.net)
+    if stopping and theta_star:  # as train.run: with early stopping the test is at theta*
+        theta_star.load_best(module.net)
     with preemption.keeping(loggers):
         preemption.check(f"the test pass of a population of {len(cfgs)} members")
         trainer.test(module, datamodule=data, verbose=False, weights_only=True)
-    after = [stopping.metrics(m) if stopping else {} for m in range(len(cfgs))]
+    after = [stopping.metrics(m, theta_star.best[m] if theta_star else None) if stopping else {}
+             for m in range(len(cfgs))]
     for m, lg in enumerate(loggers):
         if m not in module.failed and after[m]:
             lg.log_after_end(after[m])
@@ -200,7 +201,9 @@ def train_population(cfgs: list[DictConfig], found: list[Run] | None = None) -> 
         out.append({**module.member_metrics[m], **train_eval[m], **after[m],
                     "model/params": float(sum(p.numel() for p in net.parameters()))})
         if m not in module.failed:  # a diverged member's weights are not finite and are not kept (failure_reason)
-            _save_member(r.ckpt_dir, final[m], ends[m], stopping.best[m] if stopping else None)
+            _save_last(r.ckpt_dir, final[m], ends[m])
+            if theta_star:
+                theta_star.save(m, r.ckpt_dir)
     return out
 
 
@@ -224,13 +227,7 @@ def _resume_or_restart(cfgs: list[DictConfig], found: list[Run]) -> tuple[Path, 
     return folder, runs, resume
 
 
-def _save_member(folder: Path, final: dict[str, torch.Tensor], end: tuple[int, int],
-                 best: dict[str, Any] | None) -> None:
-    """A member's own checkpoint folder: its final weights (epoch, step) as a solo run's last.ckpt holds them and,
-    with early stopping, its theta* under the name the default callbacks.checkpoint.filename gives a solo run's best
-    file."""
+def _save_last(folder: Path, final: dict[str, torch.Tensor], end: tuple[int, int]) -> None:
+    """A member's final weights (epoch, step) in its own checkpoint folder, as a solo run's last.ckpt holds them."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": final, "epoch": end[0], "global_step": end[1]}, folder / "last.ckpt")
-    if best is not None:
-        torch.save({"state_dict": {f"net.{k}": v for k, v in best["state"].items()}, "epoch": best["epoch"],
-                    "global_step": best["step"]}, folder / f"best-{best['epoch']}.ckpt")
