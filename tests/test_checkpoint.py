@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import compose, quick
 
@@ -103,3 +104,40 @@ def test_no_checkpoint_callback_writes_no_checkpoint(tmp_root):
     run(cfg)
     written = list(Path(tmp_root).rglob("*.ckpt"))
     assert written == []  # Lightning would otherwise add its own ModelCheckpoint, writing every epoch
+
+
+@pytest.mark.parametrize("stage", ["fit", "test"])
+def test_a_sigterm_while_lightning_holds_the_signal_is_still_reglabs_stop(tmp_root, monkeypatch, stage):
+    """Lightning takes SIGTERM over at the start of every fit and test, before reglab's Checkpoint takes it back; a
+    SIGTERM in between reaches both handlers. The fit must still stop as reglab stops it (Preempted after the epoch,
+    its last.ckpt written) and the test pass finish, never end in Lightning's SIGTERMException (seen in CI)."""
+    import signal
+
+    from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+    from reglab import preemption
+
+    register = _SignalConnector.register_signal_handlers
+
+    def register_then_sigterm(self):
+        register(self)
+        if self.trainer.state.fn == stage:  # TrainerFn: "fit", "test"
+            os.kill(os.getpid(), signal.SIGTERM)  # handled before this returns: Python runs handlers between bytecodes
+
+    monkeypatch.setattr(_SignalConnector, "register_signal_handlers", register_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    preemption.reset()
+    preemption.install()  # as reglab.cli does for every job
+    # Test batches of 64: Lightning's evaluation loop raises at a batch that is not the last.
+    cfg = compose(quick(tmp_root, *BASE, "trainer.max_epochs=3", "+data.eval_batch_size=64"))
+    try:
+        if stage == "fit":
+            with pytest.raises(preemption.Preempted, match="after epoch 0"):
+                run(cfg)
+            assert torch.load(_files(cfg)["last.ckpt"], weights_only=True)["epoch"] == 0
+        else:
+            assert run(cfg)["test/acc"] > 0.5  # trained 3 epochs and tested: the SIGTERM came in the test pass
+            assert preemption.requested()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        preemption.reset()

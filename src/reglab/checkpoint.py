@@ -27,6 +27,7 @@ in /tmp (seen with a full 2 MiB tmpfs, tests/test_cluster_faults.py).
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -72,11 +73,28 @@ class Checkpoint(ModelCheckpoint):
         self._last_step = -1  # global step that last.ckpt holds
         self._epoch_started_at = time.monotonic()
 
+    # Lightning registers its SIGTERM handler at the start of each fit and test, right before the sanity check; it
+    # stops mid-epoch or mid-evaluation with its own SIGTERMException (SystemExit), neither a point a run continues
+    # from exactly nor a stop reglab marks resumable. Take SIGTERM back at the first hook after that (its teardown
+    # restores the handler that was there before, also ours). A SIGTERM that came in between reached both handlers
+    # (Lightning's calls the one it replaced): ours keeps it, and Lightning's flag, which would raise at the next
+    # batch, is cleared (seen in CI: SIGTERM during the sanity check ended a run with SIGTERMException).
+    def _take_back_sigterm(self, trainer) -> None:
+        preemption.install()
+        if trainer.received_sigterm:
+            preemption.handler(signal.SIGTERM, None)
+            trainer._signal_connector.received_sigterm = False
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._take_back_sigterm(trainer)
+
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
-        # Lightning registered its SIGTERM handler for this fit, which stops mid-epoch; take it back (its teardown
-        # restores the handler that was there before the fit, also ours).
-        preemption.install()
+        self._take_back_sigterm(trainer)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        # The test pass is short: under SIGTERM it finishes, and the run with it.
+        self._take_back_sigterm(trainer)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_started_at = time.monotonic()
