@@ -47,5 +47,16 @@ def test_reglab_checkpoint_overrides_only_what_exists():
     own = {n for n, v in vars(Checkpoint).items() if callable(v) and not n.startswith("__")}
     # reglab's own helpers, not overrides:
     ours = {"_after_epoch", "_due", "_link_last", "_should_skip_saving_checkpoint_at_end", "_history_first",
-            "_resume_point"}
+            "_resume_point", "_take_back_sigterm"}
     assert own - ours <= set(dir(ModelCheckpoint)), own - ours - set(dir(ModelCheckpoint))
+
+
+def test_the_trainers_sigterm_flag_reglab_clears_is_where_it_reads_it():
+    """Checkpoint._take_back_sigterm clears Lightning's SIGTERM flag through the trainer's private signal connector:
+    `trainer.received_sigterm` must be that connector's attribute."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert trainer.received_sigterm is False
+    trainer._signal_connector.received_sigterm = True
+    assert trainer.received_sigterm is True
