@@ -35,8 +35,8 @@ from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoi
 from omegaconf import DictConfig
 
 from reglab.classifier import FAILED_KEY
-from reglab.population.base import member_rows
 from reglab.errors import ConfigError
+from reglab.population.base import member_rows
 
 log = logging.getLogger(__name__)
 BETTER = {"min": torch.lt, "max": torch.gt}
