@@ -60,3 +60,12 @@ def test_the_trainers_sigterm_flag_reglab_clears_is_where_it_reads_it():
     assert trainer.received_sigterm is False
     trainer._signal_connector.received_sigterm = True
     assert trainer.received_sigterm is True
+
+
+def test_the_validation_loop_flag_member_best_reads_exists():
+    """population/stopping.MemberBest asks, as ModelCheckpoint does, whether validation has run
+    (trainer.fit_loop.epoch_loop.val_loop._has_run) before calling a missing monitor an error."""
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert trainer.fit_loop.epoch_loop.val_loop._has_run is False

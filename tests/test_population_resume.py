@@ -158,6 +158,49 @@ def test_a_population_with_a_diverged_member_resumes_and_never_swaps_members_sta
         assert close([h[2] for h in got.values()], [h[2] for h in expected.values()])
 
 
+def test_a_population_stopped_before_its_test_pass_is_continued_by_testing_only(uninterrupted, tmp_path, empty_store,
+                                                                              monkeypatch):
+    """The members' runs stay RUNNING until the population has tested them and written their files (Lightning ends
+    its loggers' runs at the end of the fit): stopped right before the test pass, after a last.ckpt written when
+    training ended, the rerun continues every member's run, trains nothing, and ends as the uninterrupted one, the
+    diverged member FAILED with its reason."""
+    from mlflow.tracking import MlflowClient
+
+    from reglab import preemption
+    from reglab.classifier import Classifier
+    from reglab.population.train import train_population
+
+    reference, reference_h = uninterrupted
+    root = with_store(tmp_path, empty_store)
+    cfgs = configs(root, MEMBERS, "callbacks.checkpoint.last_every_s=3600")  # last.ckpt at epoch 0 and at the end
+    seen, check = [], preemption.check
+
+    def stop_before_the_test(what):
+        if what.startswith("the test pass") and not seen:
+            seen.extend(r.info.status for r in runs_of(root).values())
+            raise preemption.Preempted(f"{what}: stopped by the test")
+        check(what)
+
+    monkeypatch.setattr(preemption, "check", stop_before_the_test)
+    with pytest.raises(preemption.Preempted):
+        train_population(cfgs)
+    assert seen == ["RUNNING"] * len(MEMBERS)
+    killed = {k: r.info.run_id for k, r in runs_of(root).items()}
+
+    steps = []
+    training_step = Classifier.training_step
+    monkeypatch.setattr(Classifier, "training_step", lambda self, *a: steps.append(1) or training_step(self, *a))
+    again = train_population(cfgs)
+    assert steps == [] and {k: r.info.run_id for k, r in runs_of(root).items()} == killed
+    assert repr(histories(root)) == repr(reference_h)  # every epoch once, the same values, statuses and reasons
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    for m, (a, b, r) in enumerate(zip(again, reference, runs_of(root).values())):
+        assert repr({k: v for k, v in a.items() if k.startswith("test/")}) == \
+            repr({k: v for k, v in b.items() if k.startswith("test/")})
+        tested = [x.step for x in client.get_metric_history(r.info.run_id, "test/loss")]
+        assert tested == ([] if r.info.status == "FAILED" else [5]), m
+
+
 def close(a, b) -> bool:
     """Equal structure; numbers within 1e-5 relative (1e-7 absolute), NaN equal to NaN."""
     if isinstance(a, dict):

@@ -172,12 +172,18 @@ def test_a_population_stopped_after_a_members_stop_resumes_to_the_same_result(tr
      "callbacks.checkpoint.filename='epoch-{epoch}'", "callbacks.checkpoint.every_n_epochs=3"],
     # A template with a metric in it, and early stopping (tested at theta*).
     ["callbacks.checkpoint.filename='e{epoch}-err{val/err:.3f}'"],
-], ids=["best-by-val-loss", "latest-every-3", "metric-in-name-and-early-stopping"])
+    # No monitor, every epoch: the latest epoch is the best, last.ckpt a hard link to its file.
+    ["callbacks.early_stopping=null", "callbacks.checkpoint.monitor=null",
+     "callbacks.checkpoint.filename='epoch-{epoch}'"],
+    # Validation every 2 epochs: at epoch 0 val/loss is not yet measured (ModelCheckpoint waits, so must theta*).
+    ["callbacks.early_stopping=null", "+trainer.check_val_every_n_epoch=2"],
+], ids=["best-by-val-loss", "latest-every-3", "metric-in-name-and-early-stopping", "linked", "validation-every-2"])
 def test_each_members_checkpoint_folder_holds_the_files_of_its_solo_run(tmp_path, checkpoint):
     """Every member's folder has the files its solo run's has, by name, each with the same step and weights within
-    1e-5, the best file also with the same epoch: theta* is kept per member with or without early stopping
-    (population/stopping.MemberBest). (A solo last.ckpt written when training ends, not at an epoch's end, holds
-    Lightning's epoch count there, one more than the last epoch's index that a member's last.ckpt holds.)"""
+    1e-5, the best file also with the same epoch, and last.ckpt a hard link to it exactly where the solo run's is:
+    theta* is kept per member with or without early stopping (population/stopping.MemberBest). (A solo last.ckpt
+    written when training ends, not at an epoch's end, holds Lightning's epoch count there, one more than the last
+    epoch's index that a member's last.ckpt holds.)"""
     from reglab.population.train import train_population
     from reglab.runs.lookup import find_run
     from reglab.train import run
@@ -194,6 +200,8 @@ def test_each_members_checkpoint_folder_holds_the_files_of_its_solo_run(tmp_path
         solo_dir, pop_dir = find_run(c_solo).ckpt_dir, find_run(c_pop).ckpt_dir
         files = sorted(f.name for f in solo_dir.glob("*.ckpt"))
         assert len(files) == 2 and sorted(f.name for f in pop_dir.glob("*.ckpt")) == files
+        linked = [len({(d / name).stat().st_ino for name in files}) == 1 for d in (solo_dir, pop_dir)]
+        assert linked[1] == linked[0] == (checkpoint[-1] == "callbacks.checkpoint.filename='epoch-{epoch}'")
         for name in files:
             theirs, ours = (torch.load(d / name, map_location="cpu", weights_only=True) for d in (solo_dir, pop_dir))
             assert ours["global_step"] == theirs["global_step"], name
@@ -202,6 +210,33 @@ def test_each_members_checkpoint_folder_holds_the_files_of_its_solo_run(tmp_path
             for k, v in theirs["state_dict"].items():
                 torch.testing.assert_close(ours["state_dict"][k].float(), v.float(), rtol=1e-5, atol=1e-6,
                                            msg=f"{name}: {k}")
+
+
+def test_each_members_mlflow_artifacts_are_its_own_checkpoint_files_as_its_solo_runs(trained, tmp_path):
+    """logger.log_model (on by default): a member's run holds the files of its own checkpoint folder under the names
+    its solo run's has, each with the member's own weights, not the population's checkpoint."""
+    *_, pop_root = trained
+    solo_root = pop_root.parent / "solo"
+
+    def artifacts(root):
+        client = client_of(root)
+        out = {}
+        for r in client.search_runs([client.get_experiment_by_name("es").experiment_id]):
+            files = sorted(f"{d.path}/{f.path.rsplit('/', 1)[-1]}" for d in client.list_artifacts(r.info.run_id)
+                           if d.is_dir for f in client.list_artifacts(r.info.run_id, d.path))
+            out[int(r.data.params["seed"])] = (r.info.run_id, client, files)
+        return out
+
+    solo, pop = artifacts(solo_root), artifacts(pop_root)
+    for s in SEEDS:
+        names = [f for f in solo[s][2] if f.endswith(".ckpt")]
+        assert len(names) == 2 and pop[s][2] == solo[s][2], s  # last/ and best-<epoch>/, each with its metadata
+        for name in names:
+            (ours, theirs) = (weights(Path(client.download_artifacts(run_id, name, str(tmp_path / f"{who}{s}"))))
+                              for who, (run_id, client, _) in (("pop", pop[s]), ("solo", solo[s])))
+            assert ours.keys() == theirs.keys(), (s, name)
+            for k, v in theirs.items():
+                torch.testing.assert_close(ours[k].float(), v.float(), rtol=1e-5, atol=1e-6, msg=f"{s} {name}: {k}")
 
 
 def test_why_not_still_refuses_retrain_and_continue_after_early_stopping():
@@ -214,6 +249,8 @@ def test_why_not_still_refuses_retrain_and_continue_after_early_stopping():
     # Without early stopping after_stop does nothing (reglab.early_stopping.strategy): nothing to refuse.
     assert why_not(compose(["callbacks.early_stopping=null", "stopping.after_stop=retrain"])) is None
     assert "mid-epoch" in why_not(compose(["callbacks.early_stopping.patience=3", "+trainer.min_steps=100"]))
+    # A time limit stops a population at its own clock time, each solo run at another.
+    assert "max_time" in why_not(compose(["+trainer.max_time=00:01:00:00"]))
 
 
 def test_the_early_stopping_preset_fuses_its_theta_star_arm_only():

@@ -76,6 +76,15 @@ def test_a_diverging_member_fails_alone_and_the_others_train_on(tmp_path):
         torch.testing.assert_close(population.member_state_dict(0)[k], v, rtol=1e-5, atol=1e-6)
 
 
+def test_a_population_without_callbacks_checkpoint_writes_no_checkpoint_as_its_solo_runs(tmp_path):
+    from reglab.population.train import train_population
+
+    cfgs = [compose([*MLP_BASE, f"paths.root={tmp_path}", "model.width=8", "trainer.max_epochs=2",
+                     "callbacks.checkpoint=null", f"seed={s}"]) for s in (0, 1)]
+    assert len(train_population(cfgs)) == 2
+    assert list(tmp_path.rglob("*.ckpt")) == []  # neither the population's last.ckpt nor members' files
+
+
 def test_population_on_with_a_model_that_cannot_be_fused_is_one_line(tmp_path):
     from reglab.population.train import train_population
 

@@ -51,3 +51,46 @@ def test_killed_single_run_is_continued_by_the_same_command(tmp_path, empty_stor
     assert _steps(client, finished[0]) == list(range(EPOCHS))  # every epoch exactly once
     state = torch.load(next(tmp_path.glob("outputs/checkpoints/*/last.ckpt")), weights_only=True)
     assert state["epoch"] == EPOCHS - 1
+
+
+def test_a_run_stopped_between_its_fit_and_its_test_is_continued_by_testing_only(tmp_path, empty_store, monkeypatch):
+    """Lightning ends its loggers' runs at the end of every fit; reglab's run stays RUNNING until its test and
+    everything after it are logged, so a kill in the test pass is never taken for a finished run. Stopped by SIGTERM
+    right before the test, with a last.ckpt written when training ended (Lightning's epoch there is one past the
+    last epoch trained), the same command continues the same run: it tests and trains nothing, and logs every epoch
+    and train_eval once."""
+    from conftest import compose, quick
+
+    from reglab import preemption, train
+    from reglab.classifier import Classifier
+
+    root = with_store(tmp_path, empty_store)
+    # No top-k file and last_every_s far away: last.ckpt is written at epoch 0 and when training ends.
+    cfg = compose(quick(root, "data=digits", "model.width=32", "optim=adam", "logger=mlflow",
+                        "logger.experiment=single", "callbacks.early_stopping=null", "callbacks.checkpoint.save_top_k=0",
+                        "callbacks.checkpoint.last_every_s=3600", "trainer.max_epochs=4"))
+    uri = f"sqlite:///{root}/mlruns/mlflow.db"
+    seen, check = [], preemption.check
+
+    def stop_before_the_test(what):
+        if what.endswith("test pass") and not seen:
+            seen.append(_runs(uri)[1][0].info.status)
+            raise preemption.Preempted(f"{what}: stopped by the test")
+        check(what)
+
+    monkeypatch.setattr(preemption, "check", stop_before_the_test)
+    with pytest.raises(preemption.Preempted):
+        train.run(cfg)
+    client, (stopped,) = _runs(uri)
+    assert seen == ["RUNNING"] and stopped.info.status == "KILLED"  # resumable (reglab.preemption)
+    assert checkpoint_epoch(next((root / "outputs" / "checkpoints").glob("*/last.ckpt"))) == 3
+
+    steps = []
+    training_step = Classifier.training_step
+    monkeypatch.setattr(Classifier, "training_step", lambda self, *a: steps.append(1) or training_step(self, *a))
+    assert train.run(cfg)["test/acc"] > 0.3  # trained weights (chance: 0.1)
+    client, (done,) = _runs(uri)
+    assert done.info.run_id == stopped.info.run_id and done.info.status == "FINISHED"
+    assert steps == []  # nothing trained again
+    assert _steps(client, done) == [0, 1, 2, 3] and _steps(client, done, "train_eval/loss") == [3]
+    assert _steps(client, done, "test/loss") == [4]

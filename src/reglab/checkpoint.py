@@ -64,6 +64,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+def hard_link(source, path) -> bool:
+    """`path` becomes a second name of the file `source` (replacing what was there in one step); False where the
+    file system has no hard links."""
+    tmp = f"{path}.{os.getpid()}.link"
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+        return False
+    return True
+
+
 class Checkpoint(ModelCheckpoint):
     def __init__(self, *args, last_every_s: float | None = None, stop_within_s: float | None = 20.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -190,14 +203,8 @@ class Checkpoint(ModelCheckpoint):
             return False
         path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
         self._history_first(trainer)
-        tmp = f"{path}.{os.getpid()}.link"
-        if trainer.is_global_zero:
-            try:
-                os.link(source, tmp)
-                os.replace(tmp, path)
-            except OSError:  # a file system without hard links
-                Path(tmp).unlink(missing_ok=True)
-                return False
+        if trainer.is_global_zero and not hard_link(source, path):
+            return False
         previous, self.last_model_path, self._last_step = self.last_model_path, path, trainer.global_step
         self._last_written_at = time.monotonic()  # last.ckpt is current again: the interval restarts
         if previous and previous != path and self._should_remove_checkpoint(trainer, previous, path):

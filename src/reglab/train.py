@@ -155,7 +155,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # training mode (dropout on, batch statistics) while the weights still move, and interpolation is about this one.
     train_eval = {k: float(v) for k, v in evaluate_training_set(module.evaluated, dm).items()}
     if logger is not None:
-        logger.log_metrics(train_eval, step=trainer.current_epoch - 1)  # the last epoch trained
+        logger.log_after_fit(train_eval, step=trainer.current_epoch - 1)  # the last epoch trained
     # With early stopping the model to report is the best checkpoint (the lecture's theta*); otherwise the final
     # weights, which is what epoch-wise studies such as double descent measure.
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
@@ -168,8 +168,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics["model/params"] = float(module.num_params)
     metrics.update(train_eval)
     after = early_stopping.after_stop(cfg, trainer, module, dm, lambda: build_module(cfg, dm))
-    if logger is not None and after:
-        logger.log_after_end(after)
+    if logger is not None:
+        if after:
+            logger.log_after_end(after)
+        logger.end()  # FINISHED only now, with everything it logs (Lightning's end of fit and test left it RUNNING)
     metrics.update(after)
     if logger is not None and not cfg.get("study"):  # a study prints where its report is instead
         print(f"MLflow: run {logger.run_id} ({run.name}) in experiment '{cfg.logger.experiment}' at "

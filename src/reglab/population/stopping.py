@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 from omegaconf import DictConfig
 
 from reglab.classifier import FAILED_KEY
@@ -156,7 +156,7 @@ class MemberStopping(EarlyStopping):
 
 class MemberBest(Checkpoint):
     """theta* of every member, by the rule the solo run's ModelCheckpoint keeps its best file by (save_top_k=1:
-    the one best file), and that file's name from callbacks.checkpoint.filename. Members that failed, or stopped
+    the one best file; population/train.py writes it under the solo run's name). Members that failed, or stopped
     before this epoch, keep what they have.
 
     A Checkpoint, so that Lightning calls it where it calls ModelCheckpoint: after the module's epoch-end hook has
@@ -164,10 +164,8 @@ class MemberBest(Checkpoint):
     after MemberStopping. Listed before the population's own Checkpoint, whose last.ckpt then holds this epoch's
     theta* (Lightning keeps the order of Checkpoint callbacks)."""
 
-    def __init__(self, members: int, monitor: str | None, mode: str = "min", every_n_epochs: int = 1,
-                 filename: str | None = None, auto_insert_metric_name: bool = True):
+    def __init__(self, members: int, monitor: str | None, mode: str = "min", every_n_epochs: int = 1):
         self.monitor, self.mode, self.every_n_epochs = monitor, mode, every_n_epochs
-        self.filename, self.auto_insert_metric_name = filename, auto_insert_metric_name
         # score, epoch, step, the member's metrics of that epoch (for the file name), state
         self.best: list[dict[str, Any] | None] = [None] * members
 
@@ -177,8 +175,7 @@ class MemberBest(Checkpoint):
         if ck is None or ck.get("save_top_k", 1) == 0:
             return None
         every = ck.get("every_n_epochs")  # None: ModelCheckpoint's default, every epoch
-        return cls(members, ck.get("monitor"), ck.get("mode", "min"), 1 if every is None else int(every),
-                   ck.get("filename"), ck.get("auto_insert_metric_name", True))
+        return cls(members, ck.get("monitor"), ck.get("mode", "min"), 1 if every is None else int(every))
 
     @property
     def state_key(self) -> str:
@@ -195,9 +192,11 @@ class MemberBest(Checkpoint):
             current = None  # ModelCheckpoint without a monitor: its best file is the latest
             if self.monitor is not None:
                 value = metrics.get(self.monitor)
-                if value is None:
-                    raise ConfigError(f"callbacks.checkpoint.monitor={self.monitor!r} is not a metric of the "
-                                      f"population's members: {', '.join(sorted(metrics))}")
+                if value is None:  # as ModelCheckpoint: an error once validation has run, else not yet measured
+                    if trainer.fit_loop.epoch_loop.val_loop._has_run:
+                        raise ConfigError(f"callbacks.checkpoint.monitor={self.monitor!r} is not a metric of the "
+                                          f"population's members: {', '.join(sorted(metrics))}")
+                    continue
                 current = torch.tensor(value, dtype=torch.float32)  # the float32 value its solo run compares
                 if torch.isnan(current):
                     current = torch.tensor(math.inf if self.mode == "min" else -math.inf)
@@ -212,21 +211,6 @@ class MemberBest(Checkpoint):
         for m, best in enumerate(self.best):
             if best is not None:
                 net.load_member_state_dict(m, best["state"])
-
-    def save(self, m: int, folder: Path) -> None:
-        """Member m's theta* in its own checkpoint folder, as the one best file its solo run's
-        callbacks.checkpoint keeps: the same name, the weights, epoch and step."""
-        best = self.best[m]
-        if best is None:
-            return
-        metrics = {k: torch.tensor(v) for k, v in best["metrics"].items()}
-        metrics.update(epoch=torch.tensor(best["epoch"]), step=torch.tensor(best["step"]))
-        name = ModelCheckpoint(filename=self.filename, auto_insert_metric_name=self.auto_insert_metric_name
-                               ).format_checkpoint_name(metrics)
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)  # a metric named a/b in the template: a folder, as Lightning's
-        torch.save({"state_dict": {f"net.{k}": v for k, v in best["state"].items()}, "epoch": best["epoch"],
-                    "global_step": best["step"]}, path)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": list(self.best)}

@@ -96,6 +96,8 @@ def why_not(cfg: DictConfig) -> str | None:
         return "gradient clipping / accumulation couple the members"
     if str(t.get("strategy") or "").startswith("ddp") or t.get("devices", 1) not in (1, "1", "auto"):
         return "a population trains on one device"
+    if t.get("max_time"):
+        return "trainer.max_time would end every member at the population's time, a solo run at its own"
     if str(t.get("precision")) in ("16", "16-mixed"):  # bf16 needs no loss scaling
         return "fp16 loss scaling skips every member's step when one member's gradient overflows"
     return None

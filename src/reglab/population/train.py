@@ -9,7 +9,8 @@ population, with the members' penalties and step hooks, each member's strength i
 RunLogger per member -> Trainer (a checkpoint of the whole population; with early stopping, each
 member stops at its own epoch: population/stopping.py) -> fit -> each member's training split in evaluation mode
 (train_eval/{loss,err}) -> test (with early stopping, each member at its theta*) -> each member's last and best
-(theta*, population/stopping.MemberBest) weights into its own checkpoint folder, under its solo run's file names.
+(theta*, population/stopping.MemberBest) weights into its own checkpoint folder, under its solo run's file names ->
+each member's run ends (FINISHED; FAILED with its reason if it diverged): until then a kill leaves it resumable.
 
 Resume: the population's `last.ckpt` lives in a folder named by the members' identities in the order of its rows; a
 rerun continues it when every unfinished member's run reaches its epoch (reglab/runs/lookup.py's rule; a member that
@@ -29,11 +30,11 @@ import lightning as L
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from reglab import performance, preemption, progress, train
-from reglab.checkpoint import Checkpoint
+from reglab.checkpoint import AtomicCheckpointIO, Checkpoint, hard_link
 from reglab.classifier import Classifier
 from reglab.config import validate
 from reglab.errors import ConfigError, DivergenceError
@@ -146,10 +147,14 @@ def train_population(cfgs: list[DictConfig], found: list[Run] | None = None) -> 
     loggers = [build_logger(c, r) for c, r in zip(cfgs, runs)]
     if any(lg is None for lg in loggers):
         loggers = []
-    ck = (lead.get("callbacks") or {}).get("checkpoint") or {}
-    checkpoint = Checkpoint(dirpath=str(folder), monitor=None, save_top_k=0, save_last=True,
-                            every_n_epochs=int(ck.get("every_n_epochs") or 1), last_every_s=ck.get("last_every_s"),
-                            stop_within_s=ck.get("stop_within_s"), save_on_train_epoch_end=True)
+    for lg in loggers:
+        lg.member = True
+    ck = (lead.get("callbacks") or {}).get("checkpoint")
+    # callbacks.checkpoint=null: no checkpoint at all, as a solo run (nothing to resume from, no member files).
+    checkpoint = None if ck is None else Checkpoint(
+        dirpath=str(folder), monitor=None, save_top_k=0, save_last=True,
+        every_n_epochs=int(ck.get("every_n_epochs") or 1), last_every_s=ck.get("last_every_s"),
+        stop_within_s=ck.get("stop_within_s"), save_on_train_epoch_end=True)
     # The population's own checkpoint (all members, optimizer, loops), each member's theta* and early stopping
     # and, on a terminal, the preset's progress bar.
     theta_star = MemberBest.from_config(lead, len(cfgs))  # before `checkpoint`: see MemberBest
@@ -157,7 +162,7 @@ def train_population(cfgs: list[DictConfig], found: list[Run] | None = None) -> 
     callbacks = [*(c for c in (theta_star, checkpoint, stopping) if c is not None),
                  *(c for c in train.build_callbacks(lead, folder) if isinstance(c, ProgressBar))]
     trainer = instantiate(lead.trainer, logger=loggers or False, callbacks=callbacks, default_root_dir=str(folder),
-                          enable_checkpointing=True,
+                          enable_checkpointing=checkpoint is not None,
                           enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks))
     # The members' runs start here, once everything a config could break is built (as in train.run): an error
     # above leaves no run behind.
@@ -171,13 +176,13 @@ def train_population(cfgs: list[DictConfig], found: list[Run] | None = None) -> 
     except DivergenceError as e:  # every member diverged: each is tagged with its own reason
         for m, lg in enumerate(loggers):
             lg.fail(f"divergence: {module.failed.get(m, e)}")
-            lg.finalize("failed")
+            lg.end("failed")
         raise
     # Each member's eval-mode loss and error on its own training split and labels, as train.run logs them.
     train_eval = member_rows(train.evaluate_training_set(module.net, data))
     for m, lg in enumerate(loggers):
         if m not in module.failed and m not in module.stopped:  # a stopped member's is logged at its stop
-            lg.log_metrics(train_eval[m], step=trainer.current_epoch - 1)  # the last epoch trained
+            lg.log_after_fit(train_eval[m], step=trainer.current_epoch - 1)  # the last epoch trained
     # Each member's final weights, epoch and step (a stopped member's: its stop's), then its test at theta*.
     final = [{f"net.{k}": v.clone() for k, v in net.state_dict().items()} for net in module.net.member_nets()]
     ends = [(stopping.stopped[m]["epoch"], stopping.stopped[m]["step"]) if stopping and m in stopping.stopped
@@ -189,21 +194,24 @@ def train_population(cfgs: list[DictConfig], found: list[Run] | None = None) -> 
         trainer.test(module, datamodule=data, verbose=False, weights_only=True)
     after = [stopping.metrics(m, theta_star.best[m] if theta_star else None) if stopping else {}
              for m in range(len(cfgs))]
-    for m, lg in enumerate(loggers):
-        if m not in module.failed and after[m]:
-            lg.log_after_end(after[m])
-    for m, reason in module.failed.items():
-        if loggers:
-            loggers[m].fail(f"divergence: {reason}")
-            loggers[m].finalize("failed")
     out = []
-    for m, (r, net) in enumerate(zip(runs, module.net.member_nets())):
+    for m, (c, r, net) in enumerate(zip(cfgs, runs, module.net.member_nets())):
         out.append({**module.member_metrics[m], **train_eval[m], **after[m],
                     "model/params": float(sum(p.numel() for p in net.parameters()))})
-        if m not in module.failed:  # a diverged member's weights are not finite and are not kept (failure_reason)
-            _save_last(r.ckpt_dir, final[m], ends[m])
-            if theta_star:
-                theta_star.save(m, r.ckpt_dir)
+        # A diverged member's weights are not finite and are not kept (failure_reason).
+        files = None if m in module.failed or checkpoint is None else \
+            _save_member(c, r.ckpt_dir, final[m], ends[m], theta_star.best[m] if theta_star else None)
+        if not loggers:
+            continue
+        if m in module.failed:
+            loggers[m].fail(f"divergence: {module.failed[m]}")
+            loggers[m].end("failed")
+            continue
+        if after[m]:
+            loggers[m].log_after_end(after[m])
+        if files is not None:
+            loggers[m].member_checkpoints(files)
+        loggers[m].end()  # FINISHED now that its files are written; a kill before leaves it to be continued
     return out
 
 
@@ -227,7 +235,31 @@ def _resume_or_restart(cfgs: list[DictConfig], found: list[Run]) -> tuple[Path, 
     return folder, runs, resume
 
 
-def _save_last(folder: Path, final: dict[str, torch.Tensor], end: tuple[int, int]) -> None:
-    """A member's final weights (epoch, step) in its own checkpoint folder, as a solo run's last.ckpt holds them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": final, "epoch": end[0], "global_step": end[1]}, folder / "last.ckpt")
+def _save_member(cfg: DictConfig, folder: Path, final: dict[str, torch.Tensor], end: tuple[int, int],
+                 best: dict | None) -> ModelCheckpoint:
+    """A member's own checkpoint folder as its solo run's callbacks.checkpoint leaves it: last.ckpt with the final
+    weights, epoch and step (save_last), and the one best file, theta* (MemberBest), under callbacks.checkpoint's
+    file name; a hard link to last.ckpt when theta* is the final epoch, as reglab.checkpoint links them. Each file
+    written atomically. Returned as the ModelCheckpoint that would have written them: what the member's logger
+    uploads (logger.log_model)."""
+    ck = cfg.callbacks.checkpoint
+    files = ModelCheckpoint(dirpath=folder, filename=ck.get("filename"), monitor=ck.get("monitor"),
+                            mode=ck.get("mode", "min"), save_top_k=ck.get("save_top_k", 1),
+                            save_last=ck.get("save_last"), every_n_epochs=ck.get("every_n_epochs"),
+                            auto_insert_metric_name=ck.get("auto_insert_metric_name", True))
+    io = AtomicCheckpointIO()
+    last = folder / "last.ckpt"
+    if ck.get("save_last"):
+        io.save_checkpoint({"state_dict": final, "epoch": end[0], "global_step": end[1]}, last)
+        files.last_model_path = str(last)
+    if best is not None:
+        metrics = {k: torch.tensor(v) for k, v in best["metrics"].items()}
+        metrics.update(epoch=torch.tensor(best["epoch"]), step=torch.tensor(best["step"]))
+        path = Path(files.format_checkpoint_name(metrics))
+        path.parent.mkdir(parents=True, exist_ok=True)  # a metric named a/b in the template: a folder, as Lightning's
+        if not (files.last_model_path and (best["epoch"], best["step"]) == end and hard_link(last, path)):
+            io.save_checkpoint({"state_dict": {f"net.{k}": v for k, v in best["state"].items()},
+                                "epoch": best["epoch"], "global_step": best["step"]}, path)
+        files.best_model_path, files.best_model_score = str(path), best["score"]
+        files.best_k_models = {str(path): best["score"]}
+    return files

@@ -7,8 +7,11 @@
   history is never behind the checkpoint, and otherwise at most every FLUSH_EVERY_S seconds (the UI follows a run);
   a SQLite commit costs as much as an epoch of a small MLP, so not once per epoch;
 - records the run's header (flattened config as params, config.yaml, git commit and package versions, its data
-  splits as MLflow dataset inputs: reglab/runs/datasets.py) and, after the run ended, the metrics of what follows it
-  (early stopping's after-stop phase);
+  splits as MLflow dataset inputs: reglab/runs/datasets.py) and the metrics of what follows the fit (the training
+  split in evaluation mode, the test, early stopping's after-stop phase);
+- keeps the run RUNNING until the code that trains it calls `end()`: Lightning finalizes its loggers at the end of
+  every fit and test pass, and a run ended there and killed in the test pass would be FINISHED without its test
+  metrics, a study child a rerun skips as done;
 - with `logger.system_metrics=true`, runs MLflow's system-metrics monitor (`system/*`: CPU, memory, disk, network
   and, with nvidia-ml-py, GPU utilisation and memory) on the run until it ends.
 
@@ -62,6 +65,8 @@ class RunLogger(MLFlowLogger):
         self._failed = False
         self._unreachable = False  # the tracking server stopped answering (flush)
         self._monitor = None
+        self.ending = False  # `end()` has been called: Lightning's finalize("success") ends the run only then
+        self.member = False  # a population member: the population's checkpoint files are not this run's (log_model)
 
     @property
     def experiment(self):
@@ -117,6 +122,17 @@ class RunLogger(MLFlowLogger):
                     "last checkpoint are kept: rerun the same command when the server is back") from None
 
     @rank_zero_only
+    def log_after_fit(self, metrics: dict[str, float], step: int) -> None:
+        """Metrics of the weights fit ended with (train_eval/*), at `step`, the last epoch trained: a resumed run's
+        history may already reach that epoch without them (killed between the fit's end and their write), so they
+        are written unless the store has them at that step."""
+        if step <= self.logged_epoch:
+            key = next(iter(metrics))
+            if any(m.step == step for m in self.experiment.get_metric_history(self.run_id, key)):
+                return
+        self._pending.append((metrics, step))
+
+    @rank_zero_only
     def fail(self, reason: str) -> None:
         """Tag the run with `failure_reason` (a study treats it as done: a rerun would fail the same way); it ends
         FAILED whatever status Lightning finalizes it with."""
@@ -159,12 +175,32 @@ class RunLogger(MLFlowLogger):
         self.experiment.set_tag(self.run_id, SYSTEM_METRICS_RUN_TAG, self.run_id)
         _watching = self
 
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        # Lightning hands every logger the checkpoints the trainer writes: in a population that is the whole
+        # population's, not a member's; its own files come through member_checkpoints.
+        if not self.member:
+            super().after_save_checkpoint(checkpoint_callback)
+
+    def member_checkpoints(self, files) -> None:
+        """A population member's own checkpoint files (population/train.py: a ModelCheckpoint naming them), uploaded
+        at the run's end as a solo run's are (log_model)."""
+        super().after_save_checkpoint(files)
+
+    @rank_zero_only
+    def end(self, status: str = "success") -> None:
+        """End the run: everything it logs is in (or it failed). Uploads its checkpoints (log_model) as Lightning's
+        MLFlowLogger does."""
+        self.ending = True
+        self.finalize(status)
+
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
         global _watching
         if self._unreachable:  # another 4 minutes of retries would only end the same way; the run stays RUNNING
             return
         self.flush()
+        if status == "success" and not self.ending:  # Lightning's end of a fit or test pass: more follows
+            return
         if self._monitor is not None:  # before the run ends, so the monitor's last samples still reach it
             if getattr(self._monitor, "_logging_step", 1) == 0:
                 # A run shorter than one sampling interval: MLflow's loop stops before its first write; one sample
@@ -207,7 +243,8 @@ class RunLogger(MLFlowLogger):
 
     @rank_zero_only
     def log_after_end(self, metrics: dict[str, float]) -> None:
-        """Metrics of work done after the run ended (step 0), written at once: the run's queue is closed."""
+        """Metrics of what follows the test (early stopping's after-stop phase, step 0), written at once: step 0 is
+        in every history, so the pending queue would drop them."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -75,6 +75,10 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def checkpoint_epoch(path: Path) -> int:
+    """The last epoch the checkpoint at `path` has trained, which the run's history must reach to continue from it.
+    Lightning's "epoch" is that epoch in a checkpoint written at an epoch's end, but one more (the epochs done) in
+    one written when training ends (reglab.checkpoint.Checkpoint.on_train_end), whose fit loop has no epoch under
+    way (as many started as completed; at an epoch's end or its validation's, that epoch is started, not completed)."""
     # A population's members all ask about one shared checkpoint (hundreds of MB for wide ResNets): read it once
     # per version of the file.
     return _epoch(str(path), path.stat().st_mtime_ns)
@@ -87,7 +91,11 @@ def _epoch(path: str, mtime_ns: int) -> int:
     import torch
 
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        epoch = int(ckpt["epoch"])
+        progress = ((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress", {}).get("total")
+        ended = progress is not None and progress["started"] == progress["completed"] == epoch > 0
+        return epoch - 1 if ended else epoch
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{path}: the checkpoint this run would resume from cannot be read ({reason[:120]}); "
