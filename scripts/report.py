@@ -29,13 +29,17 @@ def compose(overrides: list[str]):
 
 
 def main(argv: list[str]) -> int:
+    from reglab import cli
     from reglab.runs.study import write_report
 
     try:
         out = write_report(compose(argv))
-    except ReglabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:  # a user's mistake (unknown option or key, unreachable server): one line, as train.py
+        line = cli.one_line(e, CONF)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return cli.EXIT_USER_ERROR
     print(f"report: {out}")
     return 0
 

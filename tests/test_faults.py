@@ -132,6 +132,52 @@ STUDY = ["+exp=double_descent_mnist1d", "hydra/launcher=basic", "++population.mo
          "data.train_samples=1000", "data.test_samples=500", "model.width=8", "trainer.max_epochs=2"]
 
 
+def test_a_population_whose_member_diverges_ends_the_sweep_as_its_solo_job_would(tmp_path, empty_store):
+    """One population job, two members; the second's L2 strength makes it diverge. It fails alone (FAILED, the
+    other FINISHED and the report written) and, as with one job per member, the sweep exits 2 naming it."""
+    with_store(tmp_path, empty_store)
+    members = [a for a in STUDY if a != "++population.mode=off"]
+    r = train_cli(*members, "++population.mode=on", "regularization=[l2]", "regularization.l2.strength=0.0,1e4",
+                  f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 2, r.stderr[-3000:]
+    assert "1 of 2 members diverged" in errors[0] and "regularization.l2.strength=10000.0" in errors[0]
+    assert errors[1].startswith("error: 1 sweep job(s) failed, the others ran")
+    client, runs = runs_of(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "double_descent")
+    children = {run.data.params["regularization.l2.strength"]: run.info.status for run in runs
+                if run.data.tags.get("reglab.role") == "child"}
+    assert children == {"0.0": "FINISHED", "10000.0": "FAILED"}
+    assert (tmp_path / "results" / "double_descent_mnist1d" / "modelwise.md").exists()
+
+
+@pytest.mark.parametrize("setting, words", [
+    # EMA acts on the training step: with mode=on the sweep is refused, not quietly run one job per member.
+    (["++population.mode=on", "regularization=[ema]"], ["population.mode=on", "regularization.ema", "auto"]),
+    (["population.jobs=four"], ["population.jobs='four'", "whole number"]),
+])
+def test_a_population_setting_the_sweep_cannot_honour_is_one_line_before_anything_runs(tmp_path, setting, words):
+    r = train_cli(*[a for a in STUDY if a != "++population.mode=off"], "seed=0,1", *setting,
+                  f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and all(w in lines[0] for w in words), r.stderr[-2000:]
+    assert not (tmp_path / "outputs").exists()  # no job ran
+
+
+def test_a_report_that_cannot_be_written_ends_the_sweep_with_one_line(tmp_path, empty_store):
+    """Hydra turns an exception in its end-of-sweep callback into a warning: the sweep exited 0 without its report.
+    The double-descent report needs test/err per epoch; without it the sweep now ends with one line, exit 2, its
+    runs kept."""
+    with_store(tmp_path, empty_store)
+    r = train_cli(*STUDY, "data.test_every_epoch=false", f"paths.root={tmp_path}",
+                  f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr[-3000:]
+    assert errors[0].startswith("error: the double_descent_mnist1d report: ") and \
+        "data.test_every_epoch=true" in errors[0] and "scripts/report.py" in errors[0]
+    client, runs = runs_of(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "double_descent")
+    assert sorted(run.info.status for run in runs) == ["FINISHED", "FINISHED"]  # the parent and its child
+
+
 def test_a_diverging_sweep_job_fails_alone_and_the_report_says_so(tmp_path, empty_store):
     with_store(tmp_path, empty_store)
     r = train_cli(*STUDY, "optim.lr=0.05,1e30", f"paths.root={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep",

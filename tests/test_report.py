@@ -120,6 +120,17 @@ def test_report_script_names_a_missing_study_in_one_line(tmp_root, mlflow_uri):
     assert out.stderr.strip() == "error: study='no_such_study': no parent run in this MLflow store (run the sweep first)"
 
 
+@pytest.mark.parametrize("mistake, words", [
+    (["logger=mlfow"], ["logger=mlfow", "conf/logger/mlfow.yaml", "mlflow"]),
+    (["paths.rot=x"], ["paths.rot", "misspelled"]),
+])
+def test_report_script_names_a_mistyped_option_or_key_in_one_line(tmp_root, mistake, words):
+    out = train_cli("study=double_descent_mnist1d", f"paths.root={tmp_root}", *mistake, script=SCRIPT, cwd=tmp_root)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+    assert all(w in lines[0] for w in words), lines[0]
+
+
 def test_a_report_target_from_the_store_must_be_on_the_allowlist(tmp_path, mlflow_uri):
     """A store may have been shared: the parent's reglab.report tag is checked like a config's _target_."""
     from mlflow.tracking import MlflowClient

@@ -67,7 +67,8 @@ def test_a_run_stopped_between_its_fit_and_its_test_is_continued_by_testing_only
     root = with_store(tmp_path, empty_store)
     # No top-k file and last_every_s far away: last.ckpt is written at epoch 0 and when training ends.
     cfg = compose(quick(root, "data=digits", "model.width=32", "optim=adam", "logger=mlflow",
-                        "logger.experiment=single", "callbacks.early_stopping=null", "callbacks.checkpoint.save_top_k=0",
+                        "logger.experiment=single", "callbacks.early_stopping=null",
+                        "callbacks.checkpoint.save_top_k=0",
                         "callbacks.checkpoint.last_every_s=3600", "trainer.max_epochs=4"))
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
     seen, check = [], preemption.check

@@ -181,13 +181,22 @@ def run_job(task: Callable[[Any], Any], cfg: Any, conf_dir: Path) -> Any:
         progress.job_ended(None, line or f"{type(e).__name__} (a bug: its traceback follows)")
         if line is None:
             raise
-        job = _multirun_job()
-        if job is None:
+        if _multirun_job() is None:
             fail(line)
-        print(f"error: {job[0]}: {line}", file=sys.stderr, flush=True)
-        job[1].mkdir(parents=True, exist_ok=True)
-        (job[1] / ERROR_FILE).write_text(f"{job[0]}: {line}\n")
+        job_failed(line)
         return None
+
+
+def job_failed(line: str) -> None:
+    """A sweep job's user-facing failure: printed with the job's number and written to <job folder>/error.txt,
+    which `SweepFailures` collects, so the sweep exits non-zero once every job ran. Also for a job that ends
+    normally with part of its work failed (a population whose member diverged)."""
+    job = _multirun_job()
+    label = job[0] if job else "job"
+    print(f"error: {label}: {line}", file=sys.stderr, flush=True)
+    if job is not None:
+        job[1].mkdir(parents=True, exist_ok=True)
+        (job[1] / ERROR_FILE).write_text(f"{label}: {line}\n")
 
 
 class SweepFailures(Callback):

@@ -139,13 +139,19 @@ def plan(config: DictConfig, loader, jobs: list[list[str]], swept: set[str]) -> 
     """The sweep's jobs (override lists) with the members of each population merged into one job."""
     from reglab.runs.identity import identity
 
-    mode(config)  # a wrong value: one line, before anything runs
+    refuse = mode(config) == "on"  # a wrong value: one line, before anything runs
     cfgs = sweep_configs(config, loader, jobs)
     groups: dict[str, list[int]] = {}
     differ: dict[str, set[str]] = {}  # per group: the swept keys its members may differ in
     alone: list[int] = []
     for i, cfg in enumerate(cfgs):
-        if why_not(cfg) is None:
+        reason = why_not(cfg)
+        if reason is not None and refuse:
+            from reglab.errors import ConfigError
+
+            raise ConfigError(f"population.mode=on: job {' '.join(jobs[i])} cannot share a training step ({reason}); "
+                              "use population.mode=auto to train such jobs one by one")
+        if reason is None:
             # A population job carries its first member's other overrides: configurations that differ in one the
             # identity leaves out (logger.experiment, paths.*: where a run is kept, not what it trains) are apart.
             keys = member_keys(cfg)
@@ -214,7 +220,11 @@ def parallel_jobs(config: DictConfig) -> int:
     """population.jobs, or (auto) the launcher's jobs at once: joblib's n_jobs (-1 = all cores), else 1."""
     setting = OmegaConf.select(config, "population.jobs", default="auto")
     if setting != "auto":
-        return max(1, int(setting))
+        if isinstance(setting, bool) or not isinstance(setting, int):
+            from reglab.errors import ConfigError
+
+            raise ConfigError(f"population.jobs={setting!r} is not a whole number of jobs or auto")
+        return max(1, setting)
     n = OmegaConf.select(config, "hydra.launcher.n_jobs", default=None)
     if n is None:
         return 1

@@ -22,6 +22,7 @@ resume), before anything of theirs is discarded or written here.
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from reglab import performance, preemption, progress, train
+from reglab import cli, performance, preemption, progress, train
 from reglab.checkpoint import AtomicCheckpointIO, Checkpoint, hard_link
 from reglab.classifier import Classifier
 from reglab.config import validate
@@ -110,6 +111,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         for i, m in zip(todo, train_population([cfgs[i] for i in todo], [found[i] for i in todo])):
             metrics[i] = m
     progress.members_done(cfg, metrics, todo)  # each member's line in the sweep's progress (reglab/progress.py)
+    diverged = [i for i in todo if not all(math.isfinite(v) for v in metrics[i].values())]
+    if diverged:  # as a solo job that diverges: the sweep ends with a non-zero status, the other members kept
+        cli.job_failed(f"{len(diverged)} of {len(cfgs)} members diverged, the others finished (each diverged run is "
+                       f"FAILED with tag failure_reason); first: {cfg.population.members[diverged[0]]}")
     keys = set.intersection(*(set(m) for m in metrics)) if metrics else set()
     return {k: sum(m[k] for m in metrics) / len(metrics) for k in keys}  # the members' mean, for the job's line
 

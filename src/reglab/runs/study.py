@@ -186,6 +186,18 @@ class StudyCallback(Callback):
         try:
             out = write_report(config, parent)
             progress.finish(client.get_run(parent), out)  # counts, the study's headline, where the report is
+        except Exception as e:
+            # Hydra turns an exception raised in this callback into a warning, and the sweep would exit 0 without
+            # its report: one line (a bug keeps its traceback) and a non-zero status instead. The runs are kept.
+            from reglab import cli
+
+            conf = next((Path(c.path.removeprefix("file://")) for c in config.hydra.runtime.config_sources
+                         if c.provider == "main"), Path("conf"))
+            line = cli.one_line(e, conf)
+            if line is None:
+                log.exception("the %s report failed", config.study)
+            cli.fail(f"the {config.study} report: {line or type(e).__name__ + ' (a bug: its traceback is above)'}; "
+                     f"the runs are kept, `python scripts/report.py study={config.study}` writes it again")
         finally:
             client.update_run(parent, status="FINISHED")
 

@@ -62,10 +62,13 @@ def collect(client, parent) -> pd.DataFrame:
             df[col] = default
     last_eval = df.dropna(subset=["train_eval_err"]).sort_values("step").groupby("run")["train_eval_err"].last()
     # per-epoch points: the final trainer.test (one step past the last epoch) has no train/err
+    tested = df["test_err"].notna().any()
     df = df.dropna(subset=["train_err", "test_err"]).copy()
     if df.empty:
-        raise ReglabError(f"study={parent.data.tags.get('study')!r}: no finished child run with train/err and "
-                          f"test/err yet")
+        why = ("its children logged test/err only after training (data.test_every_epoch=false), and the report reads "
+               "test/err per epoch: run the study with data.test_every_epoch=true") if tested else \
+            "no finished child run with train/err and test/err yet"
+        raise ReglabError(f"study={parent.data.tags.get('study')!r}: {why}")
     last = df["epoch"] == df.groupby("run")["epoch"].transform("max")
     df["train_eval_err"] = np.where(last, df["run"].map(last_eval), np.nan)
     df["width"] = df["width"].astype(int)
