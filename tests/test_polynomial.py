@@ -169,6 +169,10 @@ def test_bishop_data_preset_writes_table_1_2(tmp_root):
     assert metrics["bishop/lnl0/max_abs_dev"] <= 0.005 < 0.3 < metrics["bishop/lnl0/max_abs_dev_other_penalty"]
     assert metrics["bishop/table1_1/max_abs_dev"] <= 0.005
     assert (out / "table1_2_rounding_sensitivity.md").stat().st_size > 0
+    # The sine data's report into the same folder: the Bishop tables are not its own, so they go.
+    sine = compose(["+exp=polynomial", f"paths.root={tmp_root}", "logger=none", *small])
+    runner(sine)(sine)
+    assert not (out / "table1_2_bishop_vs_reproduced.md").exists() and (out / "erms_by_order.md").exists()
     bad = compose(["+exp=polynomial", f"paths.root={tmp_root}", "logger=none", "polynomial.data=bishops"])
     with pytest.raises(ConfigError, match=r"^polynomial\.data='bishops' is not one of sine, bishop$"):
         runner(bad)(bad)

@@ -55,6 +55,9 @@ def make_study(uri: str, study: str) -> str:
 def report_dir(mlflow_uri, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     parent = make_study(mlflow_uri, "synthetic_dd")
+    # Left by an earlier report of another configuration of the study: not this parent's.
+    (root / "results" / "synthetic_dd").mkdir(parents=True)
+    (root / "results" / "synthetic_dd" / "table_of_another_setting.md").write_text("stale\n")
     # The report the parent names (tag reglab.report), not the config's: this config names none.
     cfg = compose(["study=synthetic_dd", f"paths.root={root}", f"logger.tracking_uri={mlflow_uri}",
                    "logger.experiment=report_test"])
@@ -98,6 +101,14 @@ def test_epochwise_table_has_every_width_and_epoch_once(report_dir):
     assert first.test_err_mean == pytest.approx(0.9)
     md = (out / "epochwise.md").read_text()
     assert "| width | epoch 1 | epoch 2 | epoch 5 | epoch 6 |" in md
+
+
+def test_a_file_an_earlier_report_left_is_neither_kept_nor_uploaded(report_dir, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    out, parent = report_dir
+    assert not (out / "table_of_another_setting.md").exists()
+    assert "table_of_another_setting.md" not in {a.path for a in MlflowClient(mlflow_uri).list_artifacts(parent)}
 
 
 def test_report_writes_every_file_locally_and_to_the_parent_run(report_dir, mlflow_uri):

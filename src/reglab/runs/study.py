@@ -131,7 +131,7 @@ def latest_parent(client, exp_id: str, study: str):
 
 def write_report(cfg: DictConfig, parent_run_id: str | None = None) -> Path:
     """The study's report (the parent's `reglab.report` target, else cfg.report) for its parent run; files go to
-    <paths.results>/<study>/ and to the parent run's artifacts."""
+    <paths.results>/<study>/ (which then holds this report alone) and to the parent run's artifacts."""
     from hydra.utils import get_method
 
     from reglab.config import check_target
@@ -145,9 +145,25 @@ def write_report(cfg: DictConfig, parent_run_id: str | None = None) -> Path:
     check_target("report._target_", target)  # the tag comes from a store that may have been shared
     out = Path(cfg.paths.results) / cfg.study
     out.mkdir(parents=True, exist_ok=True)
+    before = snapshot(out)
     get_method(target)(client, parent, out)
+    drop_unwritten(before)
     client.log_artifacts(parent.info.run_id, str(out))
     return out
+
+
+def snapshot(folder: Path) -> dict[Path, int]:
+    """The files under a results folder, with their modification times (ns)."""
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def drop_unwritten(before: dict[Path, int]) -> None:
+    """Remove the files of `before` not written since: what an earlier report of another configuration of the study
+    left (e.g. polynomial.data=bishop's tables) is not this parent's, so the folder and the parent's artifacts hold
+    this report alone."""
+    for p, mtime in before.items():
+        if p.is_file() and p.stat().st_mtime_ns == mtime:
+            p.unlink()
 
 
 class StudyCallback(Callback):
@@ -212,6 +228,7 @@ class StudyRecorder:
         self.study = study
         self.dir = Path(cfg.paths.results) / study
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._before = snapshot(self.dir)
         self.client = self.parent = None
         self._children: set[str] = set()
         backend = cfg.logger.get("backend", "none")
@@ -260,6 +277,7 @@ class StudyRecorder:
         return write_figure(fig, self.dir / name)
 
     def finish(self, metrics: dict[str, float], failed: bool = False) -> None:
+        drop_unwritten(self._before)
         if self.client is None:
             return
         for k, v in metrics.items():
