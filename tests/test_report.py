@@ -124,6 +124,20 @@ def test_report_writes_every_file_locally_and_to_the_parent_run(report_dir, mlfl
     assert files <= {a.path for a in MlflowClient(mlflow_uri).list_artifacts(parent)}
 
 
+def test_the_report_is_of_the_parent_whose_configuration_the_command_names_not_the_newest(tmp_path, mlflow_uri):
+    """A sweep (parent A), then a smoke run of the same study with trainer.max_epochs=2 (parent B, newer), then A's
+    command again: A's report, though B started last."""
+    parent = make_study(mlflow_uri, "two_parents")
+    runs_study.open_parent(study_config(mlflow_uri, "two_parents", "trainer.max_epochs=2"),
+                           {"model.width": "2", "seed": "0"})
+    out = runs_study.write_report(study_config(mlflow_uri, "two_parents", f"paths.root={tmp_path}"))
+    modelwise = pd.read_csv(out / "modelwise.csv")
+    assert list(modelwise["width"]) == list(FINAL) and set(modelwise["n"]) == {2}
+    from mlflow.tracking import MlflowClient
+
+    assert "modelwise.csv" in {a.path for a in MlflowClient(mlflow_uri).list_artifacts(parent)}
+
+
 def test_report_script_names_a_missing_study_in_one_line(tmp_root, mlflow_uri):
     out = train_cli("study=no_such_study", f"paths.root={tmp_root}", f"logger.tracking_uri={mlflow_uri}",
                     script=SCRIPT, cwd=tmp_root)

@@ -121,11 +121,23 @@ def parent_id(cfg: DictConfig) -> str:
     return open_parent(cfg, sweep_axes(HydraConfig.get()) if HydraConfig.initialized() else {})
 
 
-def latest_parent(client, exp_id: str, study: str):
+def latest_parent(client, exp_id: str, study: str, cfg: DictConfig | None = None):
+    """The study's parent run: the newest one of `cfg`'s configuration (its reglab.study_key, computed without that
+    parent's swept keys, as open_parent keyed it) where there is one, else the newest (with a line saying so). A
+    rerun of an older sweep keeps its parent's start time, so the newest alone may be another configuration's
+    (a smoke run with trainer.max_epochs=2)."""
     runs = client.search_runs([exp_id], f"tags.study = '{study}' and tags.`reglab.role` = 'parent'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+                              order_by=["attributes.start_time DESC"])
     if not runs:
         raise ConfigError(f"study={study!r}: no parent run in this MLflow store (run the sweep first)")
+    if cfg is None or len(runs) == 1:
+        return runs[0]
+    for run in runs:
+        swept = [k.removeprefix("sweep.") for k in run.data.tags if k.startswith("sweep.")]
+        if run.data.tags.get("reglab.study_key") == identity(cfg, without=swept):
+            return run
+    log.warning("study=%s: none of its %d parent runs has this command's configuration; reporting the newest (%s); "
+                "pass the overrides its sweep ran with to choose another", study, len(runs), runs[0].info.run_id)
     return runs[0]
 
 
@@ -137,7 +149,7 @@ def write_report(cfg: DictConfig, parent_run_id: str | None = None) -> Path:
     from reglab.config import check_target
 
     client, exp_id, _ = store.experiment(cfg)
-    parent = client.get_run(parent_run_id) if parent_run_id else latest_parent(client, exp_id, cfg.study)
+    parent = client.get_run(parent_run_id) if parent_run_id else latest_parent(client, exp_id, cfg.study, cfg)
     target = parent.data.tags.get("reglab.report") or (cfg.report._target_ if cfg.get("report") else None)
     if not target:
         raise ConfigError(f"study={cfg.study!r} names no report (report: {{_target_: reglab.studies.<module>."
