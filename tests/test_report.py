@@ -138,6 +138,30 @@ def test_the_report_is_of_the_parent_whose_configuration_the_command_names_not_t
     assert "modelwise.csv" in {a.path for a in MlflowClient(mlflow_uri).list_artifacts(parent)}
 
 
+def test_a_report_refuses_to_pool_runs_that_differ_in_a_swept_key_it_does_not_separate(tmp_path, mlflow_uri):
+    """optim.lr=0.01,0.05 added to a double-descent sweep: one parent, and a model-wise table per width would average
+    the two learning rates as if they were seeds."""
+    from mlflow.tracking import MlflowClient
+
+    from reglab.errors import ReglabError
+    from reglab.runs import store
+
+    cfg = study_config(mlflow_uri, "pooled", f"paths.root={tmp_path}")
+    client, exp, _ = store.experiment(cfg)
+    parent = runs_study.open_parent(cfg, {"model.width": "2", "seed": "0", "optim.lr": "0.01,0.05"})
+    for lr in (0.01, 0.05):
+        run = client.create_run(exp, tags=runs_study.child_tags(parent, "pooled")).info.run_id
+        for key, value in (("model.width", 2), ("seed", 0), ("optim.lr", lr)):
+            client.log_param(run, key, value)
+        for step in range(2):
+            client.log_metric(run, "train/err", 0.5, step=step)
+            client.log_metric(run, "test/err", 0.5 + lr, step=step)
+        client.set_terminated(run)
+    with pytest.raises(ReglabError, match=r"differ in optim.lr \(0.01, 0.05\), which its report does not separate"):
+        runs_study.write_report(cfg)
+    assert MlflowClient(mlflow_uri).list_artifacts(parent, "modelwise.csv") == []
+
+
 def test_report_script_names_a_missing_study_in_one_line(tmp_root, mlflow_uri):
     out = train_cli("study=no_such_study", f"paths.root={tmp_root}", f"logger.tracking_uri={mlflow_uri}",
                     script=SCRIPT, cwd=tmp_root)

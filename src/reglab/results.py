@@ -112,6 +112,21 @@ def load(study: str | None = None, *, parent: str | None = None, experiment: str
     return runs(client, p, history=history, status=status)
 
 
+def not_pooled(df: pd.DataFrame, parent, separated: Iterable[str]) -> None:
+    """Raise when the finished children `df` differ in a swept key (the parent's sweep.<key> tags) that the report
+    does not separate (`separated`): its means over seeds would pool configurations, e.g. `optim.lr=0.01,0.05` added
+    to a double-descent sweep. A swept config group (regularization, stopping) is the report's own axis."""
+    study = parent.data.tags.get("study")
+    for key in sorted(k.removeprefix("sweep.") for k in parent.data.tags if k.startswith("sweep.")):
+        if key in separated or key not in df.columns:
+            continue
+        values = sorted({str(v) for v in df[key].dropna()})
+        if len(values) > 1:
+            raise ReglabError(f"study={study!r}: its finished runs differ in {key} ({', '.join(values)}), which its "
+                              f"report does not separate: the means would pool them; run one sweep per {key} value "
+                              "(each is a study parent of its own)")
+
+
 def _interval(se: pd.Series | float, n: pd.Series | int, confidence: float):
     from scipy import stats
 

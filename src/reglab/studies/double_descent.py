@@ -52,6 +52,7 @@ def collect(client, parent) -> pd.DataFrame:
     on each run's last epoch (its one value, whatever step it was logged at)."""
     keys = {**METRICS, **EXTRA}
     df = results.runs(client, parent, history=list(keys.values()))
+    results.not_pooled(df, parent, (WIDTH, SEED))
     if df.empty or WIDTH not in df:
         raise ReglabError(f"study={parent.data.tags.get('study')!r}: no finished child run with {WIDTH}, train/err "
                           f"and test/err yet")

@@ -49,6 +49,7 @@ def finished(client, parent, x: str, line: str) -> tuple[pd.DataFrame, pd.DataFr
     if every.empty or not {x, line, *METRICS[:2]} <= set(every.columns):
         raise ReglabError(f"study={study!r}: no child run with {x}, {line}, test/err and train/err yet")
     done = every[every["status"] == "FINISHED"].dropna(subset=list(METRICS[:2]))
+    results.not_pooled(done, parent, (x, line, "seed"))
     if done.empty:
         raise ReglabError(f"study={study!r}: no finished child run with test/err and train/err yet")
     if "seed" not in done.columns:

@@ -59,6 +59,7 @@ def collect(client, parent) -> tuple[pd.DataFrame, dict[tuple[str, int], dict[st
     """(one row per finished child run, {(arm, seed): {"train/loss": series, "val/loss": series}}), from
     `reglab.results.runs`: the final metrics, and the per-epoch histories (step = 0-based epoch)."""
     finals = results.runs(client, parent)
+    results.not_pooled(finals, parent, ("stopping", "seed"))
     curves_df = results.runs(client, parent, history=["train/loss", "val/loss"])
     rows, curves = [], {}
     for r in finals.to_dict("records"):

@@ -106,6 +106,7 @@ def collect(client, parent, base_norm: str) -> pd.DataFrame:
     if df.empty:
         raise ReglabError(f"study={parent.data.tags.get('study')!r}: no finished child run with train/err and "
                           f"test/err yet")
+    results.not_pooled(df, parent, ("regularization", "data.train_size", "seed"))
     known = recipes()
     # technique() reads the run's config as logged: regularization.* and model.norm, as strings, absent = not set
     config = [c for c in df.columns if c.startswith("regularization.") or c == "model.norm"]
