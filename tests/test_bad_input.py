@@ -28,6 +28,12 @@ ROWS = [
     ("wrong-type-int", ["model.width=wide"], ["model.width='wide'", "an integer >= 1"]),
     ("wrong-type-float", ["optim.lr=fast"], ["optim.lr='fast'", "a number > 0"]),
     ("width-below-1", ["model.width=0"], ["model.width=0", "an integer >= 1"]),
+    # null is not "not set": it reached the optimizer (weight decay), the MLP (width) or seeding as a traceback.
+    ("explicit-null", ["optim.weight_decay=null"], ["optim.weight_decay=None", "a number >= 0"]),
+    ("seed-out-of-range", ["seed=-1"], ["seed=-1", "[0, 2**32)"]),
+    ("betas-outside", ["optim=adam", "optim.betas=[0.9,1.0]"], ["optim.betas=[0.9, 1.0]", "[0, 1)"]),
+    ("nesterov-without-momentum", ["optim=sgd", "optim.nesterov=true", "optim.momentum=0"],
+     ["optim.nesterov=true", "optim.momentum > 0"]),
     ("keep-prob-above-1", ["regularization=[dropout]", "regularization.dropout.keep_prob=1.5"],
      ["regularization.dropout.keep_prob=1.5", "(0, 1]"]),
     ("keep-prob-zero", ["regularization=[dropout]", "regularization.dropout.keep_prob=0"],

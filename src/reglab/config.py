@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from reglab.errors import ConfigError
 
@@ -36,34 +36,52 @@ def _check(cond: bool, key: str, value, expected: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
 
 
+ABSENT = object()  # a key the config does not have (a model without a width), unlike one set to null
+
+
 def _number(cfg: DictConfig, key: str):
     value = cfg
     for part in key.split("."):
-        value = value.get(part) if value is not None else None
+        if not isinstance(value, DictConfig) or part not in value:
+            return ABSENT
+        value = value.get(part)
     return value
 
 
 def validate(cfg: DictConfig) -> None:
     num = (int, float)
+    absent = ABSENT
     checks = [
-        ("seed", lambda v: isinstance(v, int), "an integer"),
-        ("model.width", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1"),
-        ("model.depth", lambda v: v is None or (isinstance(v, int) and v >= 0), "an integer >= 0"),
+        ("seed", lambda v: isinstance(v, int) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
+        ("model.width", lambda v: v is absent or (isinstance(v, int) and v >= 1), "an integer >= 1"),
+        ("model.depth", lambda v: v is absent or (isinstance(v, int) and v >= 0), "an integer >= 0"),
         ("data.batch_size", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        ("data.eval_batch_size", lambda v: v in (absent, None) or (isinstance(v, int) and v >= 1),
+         "null or an integer >= 1"),
         ("data.label_noise", lambda v: isinstance(v, num) and 0 <= v < 1, "a number in [0, 1)"),
         ("data.val_fraction", lambda v: isinstance(v, num) and 0 <= v < 1, "a number in [0, 1)"),
-        ("data.train_size", lambda v: v is None or (isinstance(v, int) and v >= 1), "null or an integer >= 1"),
+        ("data.train_size", lambda v: v in (absent, None) or (isinstance(v, int) and v >= 1),
+         "null or an integer >= 1"),
         ("optim.lr", lambda v: isinstance(v, num) and v > 0, "a number > 0"),
-        ("optim.weight_decay", lambda v: v is None or (isinstance(v, num) and v >= 0), "a number >= 0"),
-        ("optim.momentum", lambda v: v is None or (isinstance(v, num) and 0 <= v < 1), "a number in [0, 1)"),
-        ("trainer.max_epochs", lambda v: v is None or (isinstance(v, int) and v >= 1), "an integer >= 1"),
-        ("resume", lambda v: v in (None, "auto", "restart"), "auto or restart"),
+        ("optim.weight_decay", lambda v: v is absent or (isinstance(v, num) and v >= 0), "a number >= 0"),
+        ("optim.momentum", lambda v: v is absent or (isinstance(v, num) and 0 <= v < 1), "a number in [0, 1)"),
+        ("optim.betas", lambda v: v is absent or (len(v) == 2 and all(isinstance(b, num) and not isinstance(b, bool)
+                                                                      and 0 <= b < 1 for b in v)),
+         "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+        ("trainer.max_epochs", lambda v: v in (absent, None) or (isinstance(v, int) and v >= 1), "an integer >= 1"),
+        ("resume", lambda v: v in (absent, None, "auto", "restart"), "auto or restart"),
     ]
     for key, ok, expected in checks:
         value = _number(cfg, key)
         if isinstance(value, bool):
             _check(False, key, value, expected)
+        if key == "optim.betas" and value is not absent and not isinstance(value, (list, tuple, ListConfig)):
+            _check(False, key, value, expected)
         _check(ok(value), key, value, expected)
+    optim = cfg.get("optim") or {}
+    if optim.get("nesterov") and not optim.get("momentum"):
+        raise ConfigError(f"optim.nesterov=true needs optim.momentum > 0 (it is {optim.get('momentum')!r}); set "
+                          "optim.momentum=0.9 or optim.nesterov=false")
     _validate_targets(OmegaConf.to_container(cfg, resolve=False))
     _validate_regularizers(cfg)
     _validate_paths(cfg)
