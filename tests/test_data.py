@@ -1,4 +1,5 @@
 import pickle
+from importlib.metadata import version
 from unittest.mock import patch
 
 import numpy as np
@@ -63,6 +64,21 @@ def test_mnist1d_generated_offline():
     state = np.random.get_state()[1].copy()
     MNIST1DDataModule(train_samples=100, test_samples=100, root=None).setup()
     assert (np.random.get_state()[1] == state).all()  # the generator's global reseed is undone
+
+
+@pytest.mark.parametrize("train_samples", [61, 78, 4000])
+def test_mnist1d_has_exactly_the_training_examples_asked_for(train_samples, tmp_path):
+    """The package cuts its signals at int(n * train_split): train_samples / n rounded one below for ~1% of sizes."""
+    from reglab.data import mnist1d
+
+    x, y, xt, yt = mnist1d.generate(train_samples, 30, 42)
+    assert len(x) == len(y) == train_samples and len(xt) == len(yt) == 30
+    short = tmp_path / "mnist1d" / f"mnist1d-{version('mnist1d')}-{train_samples}-30-42.pt"
+    short.parent.mkdir()
+    torch.save([x[:-1], y[:-1], xt, yt], short)  # a file written before the fix: one example short
+    mnist1d.cached.cache_clear()
+    assert len(mnist1d.cached(train_samples, 30, 42, str(tmp_path))[0]) == train_samples
+    mnist1d.cached.cache_clear()
 
 
 def test_mnist1d_is_generated_once_and_read_back_by_later_processes(tmp_path):

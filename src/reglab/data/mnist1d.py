@@ -48,7 +48,9 @@ def cached(train_samples: int, test_samples: int, data_seed: int, root: str | No
 
     path = Path(root) / "mnist1d" / f"mnist1d-{version('mnist1d')}-{train_samples}-{test_samples}-{data_seed}.pt"
     try:
-        return tuple(torch.load(path, weights_only=True))
+        data = tuple(torch.load(path, weights_only=True))
+        if (len(data[0]), len(data[2])) == (train_samples, test_samples):  # one short: written before the fix above
+            return data
     except Exception:  # noqa: BLE001  absent (the usual first time), or corrupt, which torch.load reports as any of
         pass  # OSError, EOFError, UnpicklingError, RuntimeError, IndexError...: generate it again
     data = generate(train_samples, test_samples, data_seed)
@@ -71,7 +73,9 @@ def generate(train_samples: int, test_samples: int, data_seed: int) -> tuple[tor
     total = train_samples + test_samples
     # make_dataset makes num_samples // 10 per class; round up so both splits are full.
     args.num_samples = -(-total // 10) * 10
-    args.train_split = train_samples / args.num_samples
+    # The package cuts at int(num_samples * train_split): train_samples / num_samples rounds below train_samples for
+    # ~1% of sizes (61 -> 60); half a sample more cannot round past it.
+    args.train_split = (train_samples + 0.5) / args.num_samples
     args.seed = data_seed
     state = np.random.get_state()  # the generator reseeds numpy's global RNG; leave the caller's alone
     try:
