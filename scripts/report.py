@@ -3,7 +3,8 @@
 Reads the parent run tagged study=NAME in the experiment the study logs to (the preset conf/exp/NAME.yaml names it;
 logger.experiment=... overrides) whose configuration is the preset's with the overrides given here (other than the
 swept keys; the newest such parent, else the newest, with a warning), and writes figures and tables to
-<paths.results>/NAME/ and to the parent run's artifacts. A sweep writes its report itself when it ends; this reruns it, e.g. after an interrupted sweep.
+<paths.results>/NAME/ and to the parent run's artifacts. A sweep writes its report itself when it ends; this
+reruns it, e.g. after an interrupted sweep.
 """
 
 from __future__ import annotations
