@@ -34,6 +34,9 @@ ROWS = [
     ("betas-outside", ["optim=adam", "optim.betas=[0.9,1.0]"], ["optim.betas=[0.9, 1.0]", "[0, 1)"]),
     ("nesterov-without-momentum", ["optim=sgd", "optim.nesterov=true", "optim.momentum=0"],
      ["optim.nesterov=true", "optim.momentum > 0"]),
+    # Checked when the model is built (reglab.train.build_module), after Lightning loads.
+    ("batch-norm-batch-of-one", ["data=digits", "model.norm=batch", "data.train_size=129", "data.val_fraction=0.0",
+                                 "data.batch_size=128"], ["data.batch_size=128", "one example", "has 129"]),
     ("keep-prob-above-1", ["regularization=[dropout]", "regularization.dropout.keep_prob=1.5"],
      ["regularization.dropout.keep_prob=1.5", "(0, 1]"]),
     ("keep-prob-zero", ["regularization=[dropout]", "regularization.dropout.keep_prob=0"],
@@ -69,7 +72,7 @@ ROWS = [
 # Rows whose error comes after Lightning is imported (the regularizer class, the data module, the augmentation
 # builder): every other row must fail before, in a fraction of a second.
 LOADS_LIGHTNING = {"regularizer-not-for-model", "unknown-augmentation", "unknown-augmentation-argument",
-                   "missing-dataset", "truncated-dataset-file", "garbled-dataset-file"}
+                   "missing-dataset", "truncated-dataset-file", "garbled-dataset-file", "batch-norm-batch-of-one"}
 # Put on the CLI's PYTHONPATH: at exit, the process writes the names of the modules it imported.
 MODULES_AT_EXIT = """
 import atexit, os, sys

@@ -19,6 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from reglab import early_stopping, performance, preemption
 from reglab.classifier import Classifier
@@ -68,6 +69,12 @@ def build_regularizers(cfg: DictConfig) -> dict[str, Any]:
 
 def build_module(cfg: DictConfig, dm) -> Classifier:
     net = build_model(cfg, dm.input_shape, dm.num_classes)
+    n, batch = len(getattr(dm, "train_y", ())), getattr(dm, "batch_size", 0)
+    if n and batch and n % batch == 1 and any(isinstance(m, nn.BatchNorm1d) for m in net.modules()):
+        # BatchNorm1d cannot normalize one example; torch would stop the first epoch's last step with a traceback.
+        raise ConfigError(f"data.batch_size={batch} leaves a last training batch of one example (the training split "
+                          f"has {n}), which batch norm cannot normalize; choose another data.batch_size or "
+                          "data.train_size")
     return Classifier(net, optim=OmegaConf.to_container(cfg.optim, resolve=True), regularizers=build_regularizers(cfg))
 
 
