@@ -164,3 +164,35 @@ def test_preview_png_and_mlflow_artifact(tmp_root, mlflow_uri):
     assert "augmentation_preview.png" in names
     local = Path(client.download_artifacts(run_info.run_id, "augmentation_preview.png", str(tmp_root)))
     assert np.asarray(Image.open(local)).std() > 10  # an image, not a blank canvas
+
+
+@pytest.mark.parametrize("device", [False, True], ids=["albumentations", "batched"])
+def test_draws_are_a_function_of_seed_epoch_and_rank(device):
+    # A resumed run must draw what the uninterrupted run drew (its epochs' draws cannot depend on the epochs before),
+    # and DDP ranks must draw independently: seeded by the run seed alone, every rank gave its i-th image of a step
+    # the same crop and flip.
+    from types import SimpleNamespace
+
+    from reglab.train import build_data
+
+    over = ["data=synthetic", "augmentation=cifar_standard", f"+augmentation.device={str(device).lower()}"]
+
+    def module(epoch, rank):
+        dm = build_data(compose(over))
+        dm.setup()
+        dm.trainer = SimpleNamespace(training=True, current_epoch=epoch, global_rank=rank, world_size=2)
+        return dm
+
+    x = module(0, 0).train_x[:64]
+
+    def draws(dm):  # the batch hooks read the trainer's epoch and rank
+        return dm.on_after_batch_transfer(dm.on_before_batch_transfer((x, None), 0), 0)[0]
+
+    uninterrupted = module(0, 0)
+    draws(uninterrupted)
+    uninterrupted.trainer.current_epoch = 1
+    epoch1 = draws(uninterrupted)
+    assert torch.equal(epoch1, draws(module(1, 0)))  # resumed at epoch 1: the same draws
+    assert not torch.equal(epoch1, draws(module(0, 0)))  # epochs differ
+    assert not torch.equal(epoch1, draws(module(1, 1)))  # ranks differ
+    assert torch.equal(draws(module(1, 1)), draws(module(1, 1)))

@@ -23,7 +23,7 @@ def member(seed: int, *overrides: str, noise: float = 0.2):
 
 def training(dm, on: bool = True):
     """What the batch hooks read of a Trainer: whether it is training (set after setup, which reads more)."""
-    dm.trainer = SimpleNamespace(training=on, world_size=1)
+    dm.trainer = SimpleNamespace(training=on, world_size=1, current_epoch=0, global_rank=0)
     return dm
 
 
@@ -138,7 +138,7 @@ def test_members_that_cannot_share_a_step_are_refused(override, key):
 
 def test_distributed_training_is_refused():
     pop = PopulationDataModule([member(0), member(1)])
-    pop.trainer = SimpleNamespace(training=True, world_size=2)
+    pop.trainer = SimpleNamespace(training=True, world_size=2, current_epoch=0, global_rank=0)
     with pytest.raises(ValueError, match="DDP"):
         pop.setup()
 

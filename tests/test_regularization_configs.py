@@ -46,13 +46,15 @@ def test_augmentation_config_trains(tmp_root, name):
 
     from reglab.train import build_data
 
-    cfg = compose(quick(tmp_root, f"augmentation={name}", *LEAN))
+    # CIFAR's pad-4 crop and flips on 8x8 digits (half the image shifted away, 6/9 swapped) learn slowly: at 2 epochs
+    # val/loss was 2.18-2.31 over seeds 0-3 (a coin flip against a floor), at 8 epochs 1.60-2.07.
+    epochs = 8 if name == "cifar_standard" else 2
+    cfg = compose(quick(tmp_root, f"augmentation={name}", *LEAN, f"trainer.max_epochs={epochs}"))
     assert (build_data(cfg).augment is None) == (len(cfg.augmentation.transforms) == 0)
     metrics = run(cfg)
-    # Every pipeline must train; CIFAR's pad-4 crop and flips on 8x8 digits (half the image shifted away, 6/9
-    # swapped) only need to beat the uniform guess, ln 10 = 2.30.
+    # Every pipeline must train; cifar_standard on digits only needs to beat the uniform guess, ln 10 = 2.30, clearly.
     if name == "cifar_standard":
-        assert metrics["val/loss"] < math.log(10) - 0.05, metrics
+        assert metrics["val/loss"] < math.log(10) - 0.15, metrics
     else:
         _learned(metrics)
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import reglab  # noqa: F401  (NO_ALBUMENTATIONS_UPDATE before albumentations is imported)
+from reglab.data.loader import epoch_seed
 from reglab.errors import ConfigError
 
 # Transforms that change what a handwritten digit means (the lecture's OCR caveat: b/d, 6/9).
@@ -180,8 +181,15 @@ class BatchAugment:
 
     def __init__(self, transforms, image_hw: tuple[int, int], scale: float = 1.0, seed: int | None = None):
         self.specs = _specs(transforms)
-        self.image_hw, self.scale = tuple(image_hw), float(scale)
+        self.image_hw, self.scale, self.seed = tuple(image_hw), float(scale), seed
         self.pipeline = build_pipeline(self.specs, seed=seed, image_hw=self.image_hw)
+        self._epoch: tuple[int, int] | None = None
+
+    def start_epoch(self, epoch: int, rank: int = 0) -> None:
+        """Draw this epoch's (and rank's) augmentations from epoch_seed (unseeded pipelines stay unseeded)."""
+        if self.seed is not None and self._epoch != (epoch, rank):
+            self._epoch = (epoch, rank)
+            self.pipeline.set_random_seed(epoch_seed(self.seed, epoch, rank))
 
     def __repr__(self) -> str:
         return f"BatchAugment({[s['name'] for s in self.specs]}, image_hw={self.image_hw}, scale={self.scale:g})"

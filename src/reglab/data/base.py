@@ -163,8 +163,22 @@ class InMemoryDataModule(L.LightningDataModule):
     def _training(self) -> bool:
         return self.trainer is not None and self.trainer.training
 
+    def seed_augmentation(self, epoch: int, rank: int = 0) -> None:
+        """Draw this epoch's augmentations on this rank from loader.epoch_seed(seed, epoch, rank)."""
+        for aug in (self.augment, self.device_augment):
+            start = getattr(aug, "start_epoch", None)  # a custom BatchTransform may have none: its own draws
+            if start is not None:
+                start(epoch, rank)
+
+    def _augmenting(self) -> bool:
+        """Whether the batch at hand is a training batch; if it is, its epoch's and rank's draws are set first."""
+        if not self._training():
+            return False
+        self.seed_augmentation(self.trainer.current_epoch, self.trainer.global_rank)
+        return True
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if self.augment is not None and self._training():
+        if self.augment is not None and self._augmenting():
             x, y = batch
             batch = (self.augment(x), y)
         return batch
@@ -177,4 +191,4 @@ class InMemoryDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
-        return self.normalize(x, augment=self._training()), y
+        return self.normalize(x, augment=self._augmenting()), y

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from reglab.data.loader import epoch_seed
 from reglab.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", True, False)
@@ -25,20 +26,28 @@ DEVICE_CHOICES = ("auto", True, False)
 
 class PadCropFlip:
     """(N, C, H, W) float -> (N, C, H, W): pad `padding` on every side with `fill`, crop a random HxW window,
-    flip left-right with probability `flip_p`. One generator per device, seeded by `seed`."""
+    flip left-right with probability `flip_p`. One generator per device, seeded by `seed` and, from start_epoch on,
+    by loader.epoch_seed(seed, epoch, rank)."""
 
     def __init__(self, padding: int, flip_p: float = 0.5, fill: float = 0.0, seed: int = 0):
         if padding < 0 or not 0.0 <= flip_p <= 1.0:
             raise ConfigError(f"augmentation: padding={padding} must be >= 0 and flip p={flip_p} in [0, 1]")
         self.padding, self.flip_p, self.fill, self.seed = int(padding), float(flip_p), float(fill), seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._epoch: tuple[int, int] | None = None
+        self._stream_seed = seed
 
     def __repr__(self) -> str:
         return f"PadCropFlip(padding={self.padding}, flip_p={self.flip_p:g}, fill={self.fill:g})"
 
+    def start_epoch(self, epoch: int, rank: int = 0) -> None:
+        if self._epoch != (epoch, rank):
+            self._epoch, self._stream_seed = (epoch, rank), epoch_seed(self.seed, epoch, rank)
+            self._generators.clear()
+
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+            self._generators[device] = torch.Generator(device=device).manual_seed(self._stream_seed)
         return self._generators[device]
 
     def sample(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

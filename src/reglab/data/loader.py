@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch's augmentation draws on one process: a function of (run seed, epoch, DDP rank) alone,
+    so a resumed run draws what the uninterrupted run would, and ranks draw independently of each other (with the
+    run seed alone, rank r's i-th image of a step got the same crop and flip as every other rank's)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
 class TensorLoader:

@@ -158,12 +158,20 @@ class PopulationDataModule(L.LightningDataModule):
     def _training(self) -> bool:
         return self.trainer is not None and self.trainer.training
 
+    def _augmenting(self) -> bool:
+        """As InMemoryDataModule._augmenting, for every member: its draws are those of its solo run's epoch."""
+        if not self._training():
+            return False
+        for m in self.members:
+            m.seed_augmentation(self.trainer.current_epoch, self.trainer.global_rank)
+        return True
+
     def _stacked(self, x: torch.Tensor) -> bool:
         return x.dim() == len(self.input_shape) + 2
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
-        if self._training() and any(m.augment is not None for m in self.members):
+        if any(m.augment is not None for m in self.members) and self._augmenting():
             # Member m's pipeline on its own (B, ...) slice: the call its solo run makes for this batch.
             x = torch.stack([m.augment(x[i]) if m.augment is not None else x[i] for i, m in enumerate(self.members)])
         return x, y
@@ -186,4 +194,4 @@ class PopulationDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
-        return self.normalize(x, augment=self._training()), y
+        return self.normalize(x, augment=self._augmenting()), y
