@@ -1,5 +1,5 @@
 # reglab: `make run` trains the default study, `make test` runs the suite, `make ui` opens MLflow on 127.0.0.1.
-# Every target creates .venv and installs the package (with the dev extra) first if needed.
+# Every target but clean creates .venv and installs the package (with the dev extra) first if needed.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -35,7 +35,7 @@ test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile
 
 test-fast: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile -m "not slow and not e2e"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile -m "not slow and not e2e and not cluster"
 
 # Multi-process and cluster-scale tests (marker `cluster`: tests/test_cluster_faults.py's preemption, full disk,
 # tracking-server outage and many writers; test_concurrency.py; test_ddp.py; 4-10 min on 2 cores): outside
