@@ -84,7 +84,7 @@ def test_ddp_inside_a_multirun_is_refused_with_one_line(tmp_path):
     out = train_cli("-m", "trainer=ddp", "model.width=4,8", "logger=none", f"paths.root={tmp_path}",
                     f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1].startswith("error: trainer=ddp cannot run inside a multirun")
+    assert out.stderr.strip().splitlines()[-1].startswith("error: trainer.strategy=ddp starts Lightning DDP, which cannot run inside a multirun")
     assert "Launching jobs" not in out.stdout + out.stderr  # refused before any job started
 
 
@@ -100,7 +100,43 @@ def test_a_job_that_cannot_start_stops_the_sweep_with_one_line(monkeypatch, caps
     with pytest.raises(SystemExit) as stopped:
         launcher.JobResources().on_job_start(compose(["trainer=ddp"]))
     assert stopped.value.code == 2
-    assert capsys.readouterr().err.startswith("error: trainer=ddp cannot run inside a multirun")
+    assert capsys.readouterr().err.startswith("error: trainer.strategy=ddp starts Lightning DDP, which cannot run inside a multirun")
+
+
+@pytest.mark.parametrize(("overrides", "setting"), [
+    (["trainer=ddp"], "trainer.strategy=ddp"),
+    # Lightning's default strategy (auto) picks DDP for more than one device: the sweep was re-launched per rank.
+    (["trainer=gpu", "trainer.devices=2"], "trainer.devices=2"),
+    (["trainer=gpu", "trainer.devices=[0,1]"], "trainer.devices=[0, 1]"),
+    (["trainer=gpu", "trainer.devices='0,1'"], "trainer.devices=0,1"),
+    (["trainer=cpu", "+trainer.num_nodes=2"], "trainer.num_nodes=2"),
+    (["trainer=gpu"], None), (["trainer=cpu"], None), (["trainer=ddp", "trainer.devices=1"], None),
+])
+def test_every_trainer_setting_that_starts_ddp_is_named(overrides, setting, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # one GPU visible
+    assert launcher.uses_ddp(compose(overrides)) == setting
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("launcher.cpu_threads=x", "launcher.cpu_threads='x'"), ("launcher.cpu_threads=0", "launcher.cpu_threads=0"),
+    # Both before a GPU slot is claimed (a claim would hold a lock and set CUDA_VISIBLE_DEVICES in this process).
+    ("launcher.jobs_per_gpu=two", "launcher.jobs_per_gpu='two'"),
+    ("+launcher.lock_dir=/proc/reglab", "launcher.lock_dir=/proc/reglab"),
+])
+def test_a_bad_launcher_setting_stops_the_sweep_with_one_line_naming_it(override, key, monkeypatch, capsys):
+    # Hydra turns any exception raised in on_job_start into a warning: a ValueError started every job on GPU 0.
+    from types import SimpleNamespace
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    monkeypatch.delenv(launcher.ENV_SLOT, raising=False)
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(mode=RunMode.MULTIRUN, launcher={})))
+    with pytest.raises(SystemExit) as stopped:
+        trainer = "trainer=cpu" if "cpu_threads" in override else "trainer=gpu"
+        launcher.JobResources().on_job_start(compose([trainer, "launcher.gpus=[0]", override]))
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith(f"error: {key}") and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "hydra" / "launcher").glob("*.yaml")))

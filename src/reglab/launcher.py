@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from reglab.errors import ConfigError
 
@@ -74,8 +74,17 @@ def assign_gpu(cfg: DictConfig) -> str | None:
     gpus = visible_gpus(launcher.get("gpus", "auto"))
     if not gpus:
         return None
-    lock_dir = Path(launcher.get("lock_dir") or Path(tempfile.gettempdir()) / "reglab-gpu-slots")
-    gpu, handle = claim_gpu(gpus, int(launcher.get("jobs_per_gpu", 1)), lock_dir)
+    # One folder per user: another user's folder in /tmp is not ours to write (PermissionError), nor are their GPUs'
+    # slots ours to count.
+    lock_dir = Path(launcher.get("lock_dir") or Path(tempfile.gettempdir()) / f"reglab-gpu-slots-{os.getuid()}")
+    per_gpu = launcher.get("jobs_per_gpu", 1)
+    if not isinstance(per_gpu, int) or isinstance(per_gpu, bool):
+        raise ConfigError(f"launcher.jobs_per_gpu={per_gpu!r} is invalid: expected an integer >= 1")
+    try:
+        gpu, handle = claim_gpu(gpus, per_gpu, lock_dir)
+    except OSError as e:
+        raise ConfigError(f"launcher.lock_dir={lock_dir}: {e.strerror or e}; set launcher.lock_dir to a folder "
+                          "this user can write") from e
     _held.append(handle)
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     os.environ[ENV_SLOT] = Path(handle.name).stem
@@ -87,20 +96,46 @@ def cpu_threads(setting: Any, concurrent_jobs: int) -> int:
     give: 2 jobs x 2 threads on 2 cores run ~10x slower than 2 x 1), or a number."""
     if setting in (None, "auto"):
         return max(1, (os.cpu_count() or 1) // max(1, concurrent_jobs))
-    return int(setting)
+    if not isinstance(setting, int) or isinstance(setting, bool) or setting < 1:
+        raise ConfigError(f"launcher.cpu_threads={setting!r} is invalid: expected auto or an integer >= 1")
+    return setting
 
 
-def uses_ddp(cfg: DictConfig) -> bool:
-    strategy = str(cfg.trainer.get("strategy") or "")
-    devices = cfg.trainer.get("devices", 1)
-    return strategy.startswith("ddp") and devices not in (1, "1")
+def _several(devices: Any, accelerator: str) -> bool:
+    """Whether trainer.devices asks Lightning for more than one process: 2, "2", [0, 1], "0,1"; -1 and (on a GPU)
+    auto mean every device there is."""
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices) > 1
+    text = str(devices).strip()
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()]) > 1
+    if text == "-1" or (text == "auto" and accelerator != "cpu"):
+        return (os.cpu_count() or 1) > 1 if accelerator == "cpu" else len(visible_gpus("auto")) > 1
+    return text.isdigit() and int(text) > 1
+
+
+def uses_ddp(cfg: DictConfig) -> str | None:
+    """The trainer setting that makes Lightning start DDP ranks, or None: strategy ddp*, or the default strategy
+    (auto), which picks DDP for more than one device or node."""
+    t = cfg.trainer
+    strategy, devices = str(t.get("strategy") or "auto"), t.get("devices", "auto")
+    nodes = t.get("num_nodes") or 1
+    if strategy.startswith("ddp"):
+        return f"trainer.strategy={strategy}" if devices not in (1, "1") or nodes != 1 else None
+    if strategy != "auto":
+        return None
+    if nodes != 1:
+        return f"trainer.num_nodes={nodes}"
+    return f"trainer.devices={devices}" if _several(devices, str(t.get("accelerator") or "auto")) else None
 
 
 def refuse_ddp_in_multirun(cfg: DictConfig) -> None:
-    if uses_ddp(cfg):
+    setting = uses_ddp(cfg)
+    if setting:
         # Lightning starts DDP ranks by re-running sys.argv, which re-launches the whole sweep (Lightning #11300).
-        raise ConfigError("trainer=ddp cannot run inside a multirun (Lightning would re-launch the whole sweep); "
-                          "run one configuration at a time, or sweep with trainer=gpu and launcher.jobs_per_gpu")
+        raise ConfigError(f"{setting} starts Lightning DDP, which cannot run inside a multirun (it would re-launch "
+                          "the whole sweep); run one configuration at a time, or sweep with trainer=gpu "
+                          "trainer.devices=1 and launcher.jobs_per_gpu")
 
 
 class JobResources(Callback):
@@ -116,13 +151,14 @@ class JobResources(Callback):
             return
         from reglab.cli import stop
 
+        n_jobs = int(hc.launcher.get("n_jobs") or 1)  # joblib: -1 = all cores, -2 = all but one, ...
+        concurrent = n_jobs if n_jobs > 0 else (os.cpu_count() or 1) + 1 + n_jobs
         try:
             refuse_ddp_in_multirun(config)
             assign_gpu(config)
+            threads = cpu_threads((config.get("launcher") or {}).get("cpu_threads", "auto"), concurrent)
         except ConfigError as e:
             stop(e)
         import torch
 
-        n_jobs = int(hc.launcher.get("n_jobs") or 1)  # joblib: -1 = all cores, -2 = all but one, ...
-        concurrent = n_jobs if n_jobs > 0 else (os.cpu_count() or 1) + 1 + n_jobs
-        torch.set_num_threads(cpu_threads((config.get("launcher") or {}).get("cpu_threads", "auto"), concurrent))
+        torch.set_num_threads(threads)
