@@ -53,7 +53,14 @@ def test_killed_single_run_is_continued_by_the_same_command(tmp_path, empty_stor
     assert state["epoch"] == EPOCHS - 1
 
 
-def test_a_run_stopped_between_its_fit_and_its_test_is_continued_by_testing_only(tmp_path, empty_store, monkeypatch):
+@pytest.mark.parametrize(("stop", "epochs"), [
+    (["callbacks.early_stopping=null", "trainer.max_epochs=4"], 4),
+    # Stopped early at epoch 3 of 8 (min_delta 10: no epoch after the first improves): Lightning keeps its Trainer's
+    # should_stop out of the checkpoint, and the resumed fit trained on (reglab.early_stopping.EarlyStopping).
+    (["callbacks.early_stopping.patience=3", "callbacks.early_stopping.min_delta=10", "trainer.max_epochs=8"], 4),
+], ids=["max_epochs", "early_stopping"])
+def test_a_run_stopped_between_its_fit_and_its_test_is_continued_by_testing_only(tmp_path, empty_store, monkeypatch,
+                                                                                  stop, epochs):
     """Lightning ends its loggers' runs at the end of every fit; reglab's run stays RUNNING until its test and
     everything after it are logged, so a kill in the test pass is never taken for a finished run. Stopped by SIGTERM
     right before the test, with a last.ckpt written when training ended (Lightning's epoch there is one past the
@@ -67,9 +74,8 @@ def test_a_run_stopped_between_its_fit_and_its_test_is_continued_by_testing_only
     root = with_store(tmp_path, empty_store)
     # No top-k file and last_every_s far away: last.ckpt is written at epoch 0 and when training ends.
     cfg = compose(quick(root, "data=digits", "model.width=32", "optim=adam", "logger=mlflow",
-                        "logger.experiment=single", "callbacks.early_stopping=null",
-                        "callbacks.checkpoint.save_top_k=0",
-                        "callbacks.checkpoint.last_every_s=3600", "trainer.max_epochs=4"))
+                        "logger.experiment=single", *stop, "callbacks.checkpoint.save_top_k=0",
+                        "callbacks.checkpoint.last_every_s=3600"))
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
     seen, check = [], preemption.check
 
@@ -84,7 +90,7 @@ def test_a_run_stopped_between_its_fit_and_its_test_is_continued_by_testing_only
         train.run(cfg)
     client, (stopped,) = _runs(uri)
     assert seen == ["RUNNING"] and stopped.info.status == "KILLED"  # resumable (reglab.preemption)
-    assert checkpoint_epoch(next((root / "outputs" / "checkpoints").glob("*/last.ckpt"))) == 3
+    assert checkpoint_epoch(next((root / "outputs" / "checkpoints").glob("*/last.ckpt"))) == epochs - 1
 
     steps = []
     training_step = Classifier.training_step
@@ -93,5 +99,5 @@ def test_a_run_stopped_between_its_fit_and_its_test_is_continued_by_testing_only
     client, (done,) = _runs(uri)
     assert done.info.run_id == stopped.info.run_id and done.info.status == "FINISHED"
     assert steps == []  # nothing trained again
-    assert _steps(client, done) == [0, 1, 2, 3] and _steps(client, done, "train_eval/loss") == [3]
-    assert _steps(client, done, "test/loss") == [4]
+    assert _steps(client, done) == list(range(epochs)) and _steps(client, done, "train_eval/loss") == [epochs - 1]
+    assert _steps(client, done, "test/loss") == [epochs]

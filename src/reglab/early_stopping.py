@@ -22,11 +22,25 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.pytorch import callbacks
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import DictConfig
 
 from reglab.errors import ConfigError
 
 STRATEGIES = ("none", "retrain", "continue")
+
+
+class EarlyStopping(callbacks.EarlyStopping):
+    """Lightning's EarlyStopping (conf/callbacks/early_stopping.yaml), whose decision survives a resume. The
+    Trainer's should_stop is not in a checkpoint: a run that stopped early and was killed before its test resumed
+    from the last.ckpt written when it stopped and trained on (one epoch more at least, more where val/loss improved:
+    another theta*, another stop epoch). The decision is in the checkpoint (Lightning's stopping_reason, restored
+    before on_fit_start); a resumed fit that holds it trains nothing and goes on to the test."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stopping_reason is not EarlyStoppingReason.NOT_STOPPED:
+            trainer.should_stop = True
 
 
 def strategy(cfg: DictConfig) -> str:
