@@ -36,3 +36,32 @@ def test_same_seed_gives_bit_identical_metrics_on_gpu(tmp_path):
     first = run_metrics(tmp_path / "a", *gpu)
     again = run_metrics(tmp_path / "b", *gpu)
     assert first == again
+
+
+def test_a_resumed_fit_draws_what_the_uninterrupted_fit_drew(tmp_path):
+    """Lightning's checkpoints hold no random-generator state: a fit resumed at epoch 2 replayed the dropout masks
+    of epochs 0 and 1 (and the augmentation draws). Each epoch's draws now come from (seed, epoch, rank), so the
+    resumed fit ends with the uninterrupted fit's weights, bit for bit."""
+    import lightning as L
+
+    from reglab.train import build_data, build_module
+
+    cfg = compose(quick(tmp_path, *RANDOM_EVERYWHERE))
+
+    def fit(epochs: int, ckpt: str | None = None):
+        L.seed_everything(cfg.seed, verbose=False)
+        dm = build_data(cfg)
+        dm.setup()
+        module = build_module(cfg, dm)
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            deterministic=True)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+        return trainer, module.net.state_dict()
+
+    _, whole = fit(4)
+    first, _ = fit(2)
+    first.save_checkpoint(tmp_path / "epoch2.ckpt", weights_only=False)
+    _, resumed = fit(4, str(tmp_path / "epoch2.ckpt"))
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)

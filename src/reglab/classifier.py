@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from reglab.data.loader import epoch_seed
 from reglab.population.base import member_losses, member_rows
 from reglab.errors import CheckpointError, ConfigError, DivergenceError
 from reglab.regularization.averaging import WeightAveraging, has_batch_norm
@@ -66,9 +67,11 @@ class Classifier(L.LightningModule):
         optim: Mapping[str, Any],
         regularizers: Mapping[str, Regularizer] | None = None,
         check_finite: str = "auto",
+        seed: int | None = None,
     ):
         super().__init__()
         self.net = net
+        self.seed = seed  # the run seed: each training epoch's draws (dropout masks, ...) from (seed, epoch, rank)
         self.optim_cfg = dict(optim)
         self.regularizers = dict(regularizers or {})
         for name, reg in self.regularizers.items():
@@ -298,6 +301,13 @@ class Classifier(L.LightningModule):
         if self.averaging is not None and self.averaging.due(
                 self.current_epoch, self.trainer.max_epochs or 1, batch_idx + 1 == self.trainer.num_training_batches):
             self.averaged.update_parameters(self.net)
+
+    def on_train_epoch_start(self) -> None:
+        if self.seed is not None:
+            # Dropout, DropConnect, stochastic depth, mixup: every draw of the step comes from torch's global
+            # generator, which Lightning's checkpoints do not hold: a resumed run replayed the masks of the run's
+            # first epochs, and every DDP rank (seeded alike) drew the same masks. Per epoch and rank, both hold.
+            torch.manual_seed(epoch_seed(self.seed, self.current_epoch, self.global_rank))
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

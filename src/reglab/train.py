@@ -75,7 +75,8 @@ def build_module(cfg: DictConfig, dm) -> Classifier:
         raise ConfigError(f"data.batch_size={batch} leaves a last training batch of one example (the training split "
                           f"has {n}), which batch norm cannot normalize; choose another data.batch_size or "
                           "data.train_size")
-    return Classifier(net, optim=OmegaConf.to_container(cfg.optim, resolve=True), regularizers=build_regularizers(cfg))
+    return Classifier(net, optim=OmegaConf.to_container(cfg.optim, resolve=True), regularizers=build_regularizers(cfg),
+                      seed=cfg.seed)
 
 
 def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
