@@ -36,7 +36,13 @@ ROWS = [
      ["optim.nesterov=true", "optim.momentum > 0"]),
     # Checked when the model is built (reglab.train.build_module), after Lightning loads.
     ("batch-norm-batch-of-one", ["data=digits", "model.norm=batch", "data.train_size=129", "data.val_fraction=0.0",
-                                 "data.batch_size=128"], ["data.batch_size=128", "one example", "has 129"]),
+                                 "callbacks.early_stopping=null", "data.batch_size=128"], ["data.batch_size=128", "one example", "has 129"]),
+    # The retrain after early stopping trains on train + validation: 1000 + 144 = 9 x 127 + 1 (a traceback after the
+    # first run was logged and tested).
+    ("batch-norm-retrain-batch-of-one", ["data=digits", "model.norm=batch", "data.train_size=1000",
+                                         "stopping.after_stop=retrain", "data.batch_size=127"], ["data.batch_size=127", "one example", "1144"]),
+    ("early-stopping-without-validation", ["data=digits", "data.val_fraction=0.0"],
+     ["callbacks.early_stopping monitors val/loss", "data.val_fraction=0.0", "callbacks.early_stopping=null"]),
     ("keep-prob-above-1", ["regularization=[dropout]", "regularization.dropout.keep_prob=1.5"],
      ["regularization.dropout.keep_prob=1.5", "(0, 1]"]),
     ("keep-prob-zero", ["regularization=[dropout]", "regularization.dropout.keep_prob=0"],
@@ -72,7 +78,8 @@ ROWS = [
 # Rows whose error comes after Lightning is imported (the regularizer class, the data module, the augmentation
 # builder): every other row must fail before, in a fraction of a second.
 LOADS_LIGHTNING = {"regularizer-not-for-model", "unknown-augmentation", "unknown-augmentation-argument",
-                   "missing-dataset", "truncated-dataset-file", "garbled-dataset-file", "batch-norm-batch-of-one"}
+                   "missing-dataset", "truncated-dataset-file", "garbled-dataset-file", "batch-norm-batch-of-one",
+                   "batch-norm-retrain-batch-of-one", "early-stopping-without-validation"}
 # Put on the CLI's PYTHONPATH: at exit, the process writes the names of the modules it imported.
 MODULES_AT_EXIT = """
 import atexit, os, sys

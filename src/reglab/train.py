@@ -67,14 +67,44 @@ def build_regularizers(cfg: DictConfig) -> dict[str, Any]:
     return {name: build(node, f"regularization.{name}") for name, node in (cfg.get("regularization") or {}).items()}
 
 
+def _ranks(cfg: DictConfig) -> int:
+    """DDP processes of trainer=ddp with a number of devices (each takes every world-th training example)."""
+    t = cfg.trainer
+    devices = t.get("devices", 1)
+    if not str(t.get("strategy") or "").startswith("ddp") or not isinstance(devices, int) or devices < 1:
+        return 1
+    return devices * int(t.get("num_nodes") or 1)
+
+
+def check_splits(cfg: DictConfig, dm, net: nn.Module) -> None:
+    """What the data's splits cannot give this model and these callbacks, in one line before training (each was a
+    traceback during it, after the run was logged)."""
+    n_val, n = len(getattr(dm, "val_y", ())), len(getattr(dm, "train_y", ()))
+    monitor = ((cfg.get("callbacks") or {}).get("early_stopping") or {}).get("monitor")
+    if monitor and str(monitor).startswith("val/") and not n_val and hasattr(dm, "val_y"):
+        raise ConfigError(f"callbacks.early_stopping monitors {monitor}, but data.val_fraction="
+                          f"{getattr(dm, 'val_fraction', '?')} leaves no validation examples; raise data.val_fraction "
+                          "or set callbacks.early_stopping=null")
+    batch = getattr(dm, "batch_size", 0)
+    if not (n and batch and any(isinstance(m, nn.BatchNorm1d) for m in net.modules())):
+        return
+    world = _ranks(cfg)
+    # The sizes the model trains on: the training split (per DDP rank), and train + validation where
+    # stopping.after_stop=retrain|continue trains again on both (early_stopping.merge_validation).
+    per_rank = f", {n // world} on each of {world} ranks" if world > 1 else ""
+    sizes = {n // world: f"the training split has {n}{per_rank}"}
+    if early_stopping.strategy(cfg) != "none":
+        sizes[n + n_val] = f"stopping.after_stop trains again on train + validation, {n + n_val}"
+    for size, what in sizes.items():
+        if size % batch == 1:
+            # BatchNorm1d cannot normalize one example; torch would stop that epoch's last step with a traceback.
+            raise ConfigError(f"data.batch_size={batch} leaves a last training batch of one example ({what}), which "
+                              "batch norm cannot normalize; choose another data.batch_size or data.train_size")
+
+
 def build_module(cfg: DictConfig, dm) -> Classifier:
     net = build_model(cfg, dm.input_shape, dm.num_classes)
-    n, batch = len(getattr(dm, "train_y", ())), getattr(dm, "batch_size", 0)
-    if n and batch and n % batch == 1 and any(isinstance(m, nn.BatchNorm1d) for m in net.modules()):
-        # BatchNorm1d cannot normalize one example; torch would stop the first epoch's last step with a traceback.
-        raise ConfigError(f"data.batch_size={batch} leaves a last training batch of one example (the training split "
-                          f"has {n}), which batch norm cannot normalize; choose another data.batch_size or "
-                          "data.train_size")
+    check_splits(cfg, dm, net)
     return Classifier(net, optim=OmegaConf.to_container(cfg.optim, resolve=True), regularizers=build_regularizers(cfg),
                       seed=cfg.seed)
 
