@@ -95,9 +95,14 @@ def test_a_run_stopped_between_its_fit_and_its_test_is_continued_by_testing_only
     steps = []
     training_step = Classifier.training_step
     monkeypatch.setattr(Classifier, "training_step", lambda self, *a: steps.append(1) or training_step(self, *a))
-    assert train.run(cfg)["test/acc"] > 0.3  # trained weights (chance: 0.1)
+    metrics = train.run(cfg)
+    assert metrics["test/acc"] > 0.3  # trained weights (chance: 0.1)
     client, (done,) = _runs(uri)
     assert done.info.run_id == stopped.info.run_id and done.info.status == "FINISHED"
     assert steps == []  # nothing trained again
     assert _steps(client, done) == list(range(epochs)) and _steps(client, done, "train_eval/loss") == [epochs - 1]
     assert _steps(client, done, "test/loss") == [epochs]
+    # The last epoch's train/val metrics too (what a sweep's progress line and Optuna's objective read), from the
+    # store: the fit that only resumed computed none (Optuna took the trial for failed: no val/loss).
+    last = {k: v for k, v in done.data.metrics.items() if k.startswith(("train/", "val/"))}
+    assert last and all(metrics[k] == v for k, v in last.items()), (metrics, last)

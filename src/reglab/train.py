@@ -197,6 +197,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # With early stopping the model to report is the best checkpoint (the lecture's theta*); otherwise the final
     # weights, which is what epoch-wise studies such as double descent measure.
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}
+    if logger is not None and "train/loss" not in fit_metrics:  # resumed after its last epoch: only the test was left
+        fit_metrics = {**logger.last_epoch(), **fit_metrics}
     use_best = trainer.early_stopping_callback is not None and trainer.checkpoint_callback is not None \
         and bool(trainer.checkpoint_callback.best_model_path)
     with preemption.keeping([logger]):

@@ -201,6 +201,8 @@ def train_population(cfgs: list[DictConfig], found: list[Run] | None = None) -> 
              for m in range(len(cfgs))]
     out = []
     for m, (c, r, net) in enumerate(zip(cfgs, runs, module.net.member_nets())):
+        if loggers and "train/loss" not in module.member_metrics[m]:  # resumed after its last epoch (as train.run)
+            module.member_metrics[m] = {**loggers[m].last_epoch(), **module.member_metrics[m]}
         out.append({**module.member_metrics[m], **train_eval[m], **after[m],
                     "model/params": float(sum(p.numel() for p in net.parameters()))})
         # A diverged member's weights are not finite and are not kept (failure_reason).

@@ -48,6 +48,7 @@ def unreachable(exc: BaseException) -> bool:
     return type(exc).__name__ == "MlflowException" and "API request to" in text and any(
         s in text for s in ("Max retries exceeded", "Connection refused", "ConnectionError", "Connection aborted"))
 
+EPOCH_METRICS = ("train/", "val/", "params/")  # what the Classifier logs at the end of an epoch
 MAX_BATCH = 1000  # MLflow takes at most 1,000 metrics per request
 FLUSH_EVERY_S = 60.0  # with checkpoints on, last.ckpt writes (every 30 s by default) flush first anyway
 MAX_PARAMS, MAX_PARAM = 100, 6000  # ... 100 params per request, 6,000 characters per value
@@ -131,6 +132,12 @@ class RunLogger(MLFlowLogger):
             if any(m.step == step for m in self.experiment.get_metric_history(self.run_id, key)):
                 return
         self._pending.append((metrics, step))
+
+    def last_epoch(self) -> dict[str, float]:
+        """The store's latest train/*, val/* and params/* values: what the fit's last epoch computed, for a fit
+        resumed after it (only its test was left), which computes nothing."""
+        latest = self.experiment.get_run(self.run_id).data.metrics
+        return {k: v for k, v in latest.items() if k.startswith(EPOCH_METRICS)}
 
     @rank_zero_only
     def fail(self, reason: str) -> None:
