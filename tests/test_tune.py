@@ -187,3 +187,45 @@ def test_sweeper_settings_are_checked_and_auto_jobs_follow_the_launcher():
     with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.evaluate\.seeds=\[0, 1\] contains the tuning seed 0"):
         evaluation_seeds(cfg, OmegaConf.create({"seeds": [0, 1]}))
     assert probe(preset_space()) == {"regularization.l2.strength": 1e-6, "regularization.dropout.keep_prob": 0.2}
+
+
+def test_a_trial_sigterm_stopped_is_resumed_not_failed(tmp_path, empty_store, monkeypatch, capsys):
+    """SIGTERM in trial 1: its job returns None as a failed job does, but the trial stays RUNNING (it was marked
+    failed for good: n_trials counts it) and no further trial is asked; the same command resumes it under its
+    number and asks the rest."""
+    import time
+
+    import optuna
+
+    from reglab import preemption
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = with_store(tmp_path, empty_store)
+    check, jobs = preemption.check, []
+
+    def sigterm_in_the_second_job(what):
+        if what == "this job":
+            jobs.append(what)
+            if len(jobs) == 2:
+                preemption._requested_at = time.monotonic()  # what the SIGTERM handler sets
+        check(what)
+
+    def exit_now(status):  # the launching process's exit, without running pytest's exit handlers
+        raise SystemExit(status)
+
+    monkeypatch.setattr(preemption, "check", sigterm_in_the_second_job)
+    monkeypatch.setattr(preemption, "exit_now", exit_now)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            sweep(root, "hydra.sweeper.n_trials=3", "hydra.sweeper.evaluate.seeds=[]", monkeypatch=monkeypatch)
+    finally:
+        preemption.reset()
+    assert stopped.value.code == preemption.EXIT_PREEMPTED
+    S = optuna.trial.TrialState
+    trials = store(root)[2]
+    assert [t.state for t in trials] == [S.COMPLETE, S.RUNNING]  # trial 1 kept, trial 2 never asked
+    monkeypatch.setattr(preemption, "check", check)
+    sweep(root, "hydra.sweeper.n_trials=3", "hydra.sweeper.evaluate.seeds=[]", monkeypatch=monkeypatch)
+    after = store(root)[2]
+    assert [t.state for t in after] == [S.COMPLETE] * 3 and after[1].params == trials[1].params
+

@@ -70,8 +70,12 @@ def _flush_and_exit(status: int) -> None:
 def exit_fast() -> None:
     """In a sweep worker whose job was preempted: when the launcher lets it go, end the process without Python's
     finalization of torch, Lightning and MLflow (~20 s of a loaded core per worker, measured: most of the grace
-    period). Its job has stored everything it keeps (checkpoint, MLflow writes are synchronous)."""
+    period). Its job has stored everything it keeps (checkpoint, MLflow writes are synchronous). Not in the launching
+    process itself (Hydra's basic launcher runs the jobs there): it exits with the sweep's status (exit_now)."""
     import atexit
+
+    if os.getpid() == _launcher_pid:
+        return
 
     atexit.register(_flush_and_exit, 0)  # last registered, first run
 

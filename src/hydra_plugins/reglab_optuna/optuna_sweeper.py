@@ -62,6 +62,7 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: List[str]) -> Any:
         import optuna
 
+        from reglab import preemption
         from reglab.config import override_key
         from reglab.studies import tune
 
@@ -105,6 +106,9 @@ class OptunaSweeper(Sweeper):
             jobs = [[*fixed, *tune.overrides(params)] for _, params in batch]
             returns = self._launch(jobs)
             results.append(returns)
+            # SIGTERM (preemption): a job it stopped returns None as a failed one does, but its trial is not
+            # failed: left RUNNING, the same command resumes it with its values; no new trial is asked.
+            stopped = preemption.requested()
             bug = None
             for (number, _), ret in zip(batch, returns):
                 try:
@@ -112,12 +116,16 @@ class OptunaSweeper(Sweeper):
                 except Exception as e:  # a bug (user errors return None): left RUNNING, retried with the same
                     bug = bug or e      # parameters by the next run of the command
                     continue
+                if value is None and stopped:
+                    continue
                 if value is None or not math.isfinite(float(value)):  # a user error or divergence: deterministic
                     study.tell(number, state=S.FAIL)
                 else:
                     study.tell(number, float(value))
             if bug is not None:
                 raise bug
+            if stopped:
+                return results
 
         if seeds:
             done = study.get_trials(deepcopy=False, states=(S.COMPLETE,))
