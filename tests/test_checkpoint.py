@@ -99,6 +99,27 @@ def test_resuming_from_last_continues_the_latest_epoch(tmp_root):
         assert torch.allclose(v, reference[k], atol=1e-6), k
 
 
+def test_a_fit_removes_the_temporary_files_of_writes_a_kill_cut_short(tmp_path):
+    """A kill during a checkpoint write leaves `<name>.<pid>.tmp` (a wide ResNet's: hundreds of MB) that nothing
+    removed; the next fit in the folder (a resume) removes those of processes no longer alive, not a live one's."""
+    import lightning as L
+
+    from reglab.train import build_data, build_module
+
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    stale = [tmp_path / f"last.ckpt.{pid_max + 1}.tmp", tmp_path / f"best-2.ckpt.{pid_max + 2}.link"]
+    live = tmp_path / f"best-3.ckpt.{os.getpid()}.tmp"  # a process that is still writing it
+    for f in (*stale, live):
+        f.write_bytes(b"partial")
+    cfg = compose(quick(tmp_path / "root", *BASE, "trainer.max_epochs=1"))
+    dm = build_data(cfg)
+    dm.setup()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ckpt_module.Checkpoint(dirpath=tmp_path, monitor=None, save_last=True)])
+    trainer.fit(build_module(cfg, dm), datamodule=dm)
+    assert not any(f.exists() for f in stale) and live.exists() and (tmp_path / "last.ckpt").exists()
+
+
 def test_no_checkpoint_callback_writes_no_checkpoint(tmp_root):
     cfg = compose(quick(tmp_root, *BASE, "callbacks.checkpoint=null", "trainer.max_epochs=2"))
     run(cfg)

@@ -64,6 +64,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+def remove_stale(folder) -> None:
+    """The temporary files (`<name>.<pid>.tmp`, `.link`) of writes a kill cut short: a process no longer alive
+    left them, and nothing else removes them (a wide ResNet's is hundreds of MB)."""
+    for tmp in [*Path(folder).glob("*.tmp"), *Path(folder).glob("*.link")]:
+        pid = tmp.suffixes[-2][1:] if len(tmp.suffixes) >= 2 else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def hard_link(source, path) -> bool:
     """`path` becomes a second name of the file `source` (replacing what was there in one step); False where the
     file system has no hard links."""
@@ -129,6 +148,8 @@ class Checkpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default; keep a user's own
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.dirpath and trainer.is_global_zero:
+            remove_stale(self.dirpath)
 
     def _due(self, trainer) -> bool:
         return self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0

@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from reglab import cli, performance, preemption, progress, train
-from reglab.checkpoint import AtomicCheckpointIO, Checkpoint, hard_link
+from reglab.checkpoint import AtomicCheckpointIO, Checkpoint, hard_link, remove_stale
 from reglab.classifier import Classifier
 from reglab.config import validate
 from reglab.errors import ConfigError, DivergenceError
@@ -255,6 +255,7 @@ def _save_member(cfg: DictConfig, folder: Path, final: dict[str, torch.Tensor], 
                             save_last=ck.get("save_last"), every_n_epochs=ck.get("every_n_epochs"),
                             auto_insert_metric_name=ck.get("auto_insert_metric_name", True))
     io = AtomicCheckpointIO()
+    remove_stale(folder)
     last = folder / "last.ckpt"
     if ck.get("save_last"):
         io.save_checkpoint({"state_dict": final, "epoch": end[0], "global_step": end[1]}, last)
