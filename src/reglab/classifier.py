@@ -253,7 +253,10 @@ class Classifier(L.LightningModule):
                 F.cross_entropy(logits.transpose(1, 2), y, reduction="none", label_smoothing=eps).mean(1)
             correct = (predicted(logits) == y).sum(-1).float()
         n = torch.full_like(correct, float(logits.shape[-2]))  # the batch size B
-        self._accumulate(stage, {"loss_sum": loss.detach() * n, "correct": correct, "n": n})
+        # B = 0: the empty last batch of a DDP rank's evaluation shard one example short (data/loader.py), whose mean
+        # loss is NaN.
+        loss_sum = loss.detach() * n if logits.shape[-2] else torch.zeros_like(correct)
+        self._accumulate(stage, {"loss_sum": loss_sum, "correct": correct, "n": n})
         return loss, logits
 
     # --- training -------------------------------------------------------------------------------------------

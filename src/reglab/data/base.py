@@ -152,7 +152,7 @@ class InMemoryDataModule(L.LightningDataModule):
 
     def _eval_loader(self, x: torch.Tensor, y: torch.Tensor) -> TensorLoader:
         rank, world = self._rank_world()
-        return TensorLoader(x, y, self.eval_batch_size, rank=rank, world_size=world)
+        return TensorLoader(x, y, self.eval_batch_size, rank=rank, world_size=world, trim=False)
 
     def val_dataloader(self) -> TensorLoader | list:
         return eval_loaders(self, self._eval_loader(self.val_x, self.val_y) if len(self.val_y) else None)

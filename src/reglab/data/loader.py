@@ -2,7 +2,11 @@
 
 For datasets that fit in memory (digits, MNIST-1D, MNIST, CIFAR) this is what makes small models fast: a
 DataLoader over a TensorDataset collates every sample in Python. Under DDP each rank takes every
-world_size-th index of the same seeded permutation, so ranks see disjoint shards of equal length.
+world_size-th index of the same seeded permutation, so ranks see disjoint shards of equal length (the last
+n % world_size of a training epoch's permutation are left out: every step syncs gradients). An evaluation split
+(`trim=False`) is split whole, the first n % world_size ranks one example more, every rank the same number of
+batches (a rank one example short ends with an empty one): its metrics are sums over ranks (Classifier._log_epoch),
+so every example counts once, and every rank takes part in each batch's collectives (DDP syncs buffers in forward).
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ class TensorLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        trim: bool = True,
     ):
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.trim = rank, world_size, trim
         self.epoch = 0
 
     # Lightning calls `dataloader.sampler.set_epoch(epoch)` at the start of each epoch (fabric's
@@ -60,11 +65,13 @@ class TensorLoader:
         else:
             idx = torch.arange(n)
         if self.world_size > 1:
-            idx = idx[: n - n % self.world_size][self.rank :: self.world_size]
+            idx = (idx[: n - n % self.world_size] if self.trim else idx)[self.rank :: self.world_size]
         return idx.to(self.y.device)
 
     def __len__(self) -> int:
-        n = len(self.y) // self.world_size if self.world_size > 1 else len(self.y)
+        n, world = len(self.y), self.world_size
+        if world > 1:
+            n = n // world if self.trim else math.ceil(n / world)  # the largest shard: every rank's batch count
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self):
