@@ -130,7 +130,8 @@ def test_a_sweep_in_a_log_prints_a_line_per_member_and_the_studys_last_line(kill
     assert re.fullmatch(rf"model\.width=64  test/err=0\.\d{{4}} train_eval/err=0\.\d{{4}}  {time}  \[1/2\]", members[0])
     assert re.fullmatch(rf"model\.width=8  test/err=0\.\d{{4}} train_eval/err=0\.\d{{4}}  {time}  \[2/2\]", members[1])
     [last] = [line for line in lines if line.startswith("sweep: ")]
-    assert re.fullmatch(rf"sweep: 2/2 members in {time} \| double_descent_mnist1d: .*peak_width=(64|8).* \| "
+    # The report's headline (summary/* of the parent: a peak_width only where the curve rises past its sweet spot).
+    assert re.fullmatch(rf"sweep: 2/2 members in {time} \| double_descent_mnist1d: .*sweet_spot_width=(64|8).* \| "
                         rf"report: {re.escape(str(root / 'results' / 'double_descent_mnist1d'))}", last), last
     assert "test/acc=" not in rerun.stdout + rerun.stderr
 

@@ -113,26 +113,34 @@ def interpolation_threshold(table: pd.DataFrame, metric: str | None = None) -> i
     return int(fitted["width"].iloc[0]) if len(fitted) else None
 
 
-def peak_width(table: pd.DataFrame, metric: str = "test_err") -> int:
-    """Width of the second-descent peak of `metric`'s mean: its highest value at or beyond the classical sweet spot
-    (the lowest value among widths up to the interpolation threshold), so an underfitting small width is not "the
-    peak"."""
+def sweet_spot(table: pd.DataFrame, metric: str = "test_err") -> int:
+    """The classical sweet spot of `metric`'s mean: its lowest value among widths up to the interpolation threshold
+    (all widths when none interpolates)."""
     critical = interpolation_threshold(table)
     classical = table if critical is None else table[table["width"] <= critical]
-    sweet = classical.loc[classical[f"{metric}_mean"].idxmin(), "width"]
-    beyond = table[table["width"] >= sweet]
-    return int(beyond.loc[beyond[f"{metric}_mean"].idxmax(), "width"])
+    return int(classical.loc[classical[f"{metric}_mean"].idxmin(), "width"])
+
+
+def peak_width(table: pd.DataFrame, metric: str = "test_err") -> int | None:
+    """Width of the second-descent peak of `metric`'s mean: its highest value beyond the classical sweet spot, so an
+    underfitting small width is not "the peak"; None when no wider width's mean is higher than the sweet spot's (the
+    curve only falls past it: no peak, whatever the highest remaining value)."""
+    sweet = sweet_spot(table, metric)
+    values = table.set_index("width")[f"{metric}_mean"]
+    beyond = values[values.index > sweet]
+    return int(beyond.idxmax()) if len(beyond) and beyond.max() > values[sweet] else None
 
 
 def second_descent(history: pd.DataFrame, table: pd.DataFrame) -> dict[str, float] | None:
     """Is there a second descent? The final test error at the peak width minus that at the first minimum (the lowest
-    mean test error at a smaller width), paired by seed (a seed's data, noise and order are the same at every width;
-    `reglab.results.paired`): mean, standard error (ddof=1), 95% t-interval, n of the per-seed differences and
-    `distinct` (the interval excludes 0). None without a smaller width."""
+    mean test error at a smaller width, at most the sweet spot's, so the mean difference is > 0), paired by seed (a
+    seed's data, noise and order are the same at every width; `reglab.results.paired`): mean, standard error
+    (ddof=1), 95% t-interval, n of the per-seed differences and `distinct` (the interval excludes 0, i.e. lies above
+    it). None without a peak."""
     peak = peak_width(table)
-    before = table[table["width"] < peak]
-    if before.empty:
+    if peak is None:
         return None
+    before = table[table["width"] < peak]
     first_min = int(before.loc[before["test_err_mean"].idxmin(), "width"])
     d = results.paired(finals(history), "width", first_min, "test_err", pair_on="seed")
     row = d[d["width"] == peak].iloc[0]
@@ -143,6 +151,12 @@ def second_descent(history: pd.DataFrame, table: pd.DataFrame) -> dict[str, floa
             "distinct": bool(row["distinct"])}
 
 
+def peak_text(table: pd.DataFrame, metric: str) -> str:
+    peak = peak_width(table, metric)
+    return f"width {peak}" if peak is not None else \
+        f"none (the mean falls or stays level past the classical sweet spot, width {sweet_spot(table, metric)})"
+
+
 def seeds_text(table: pd.DataFrame) -> str:
     lo, hi = int(table["n"].min()), int(table["n"].max())
     return f"n={lo} seed{'s' if hi > 1 else ''}" if lo == hi else f"n={lo}-{hi} seeds"
@@ -151,7 +165,7 @@ def seeds_text(table: pd.DataFrame) -> str:
 def _pick_widths(table: pd.DataFrame, critical: int | None) -> list[int]:
     widths = list(table["width"])
     mid = critical if critical is not None else peak_width(table)
-    return sorted({widths[0], mid, widths[-1]})
+    return sorted({widths[0], widths[len(widths) // 2] if mid is None else mid, widths[-1]})
 
 
 def _spaced(widths: list, ratio: float = 1.25) -> list:
@@ -201,8 +215,9 @@ def figures(table: pd.DataFrame, epochwise: pd.DataFrame, study: str, subtitle: 
     for axis, col, scale, text in peaks:
         if critical is not None:
             axis.axvline(critical, color="gray", ls="--", lw=1, label=threshold_label)
-        if table[f"{col}_mean"].notna().any():
-            peak = table[table["width"] == peak_width(table, col)].iloc[0]
+        width = peak_width(table, col) if table[f"{col}_mean"].notna().any() else None
+        if width is not None:
+            peak = table[table["width"] == width].iloc[0]
             y = scale * peak[f"{col}_mean"]
             axis.annotate(text.format(y) + f" at width {int(peak.width)}", (peak.width, y),
                           textcoords="offset points", xytext=(0, 14), fontsize=8, ha="center",
@@ -323,7 +338,8 @@ HEADLINE_DESCENT = ("peak_width", "first_min_width", "peak_minus_first_min", "pe
 def headline(client, parent, table: pd.DataFrame, descent: dict[str, float] | None) -> None:
     """The study's headline as metrics of its parent run, so the MLflow UI shows the curve without opening a child:
     modelwise/{test_err,train_err,test_loss} = the means over seeds with step = width (the parent's chart view draws
-    the model-wise curve), and summary/{peak_width, threshold_width, first_min_width, peak_minus_first_min(_se)}
+    the model-wise curve), and summary/{sweet_spot_width, peak_width (where there is a peak), threshold_width,
+    first_min_width, peak_minus_first_min(_se)}
     (`second_descent`). Points the parent already holds are not written again (a report rerun on the same runs adds
     nothing)."""
     from mlflow.entities import Metric
@@ -332,7 +348,10 @@ def headline(client, parent, table: pd.DataFrame, descent: dict[str, float] | No
     points = [(f"modelwise/{col}", float(row[f"{col}_mean"]), int(row["width"]))
               for col in ("test_err", "train_err", "test_loss") for _, row in table.iterrows()
               if pd.notna(row[f"{col}_mean"])]
-    summary = {"peak_width": float(peak_width(table))}
+    peak = peak_width(table)
+    summary = {"sweet_spot_width": float(sweet_spot(table))}
+    if peak is not None:
+        summary["peak_width"] = float(peak)
     critical = interpolation_threshold(table)
     if critical is not None:
         summary["threshold_width"] = float(critical)
@@ -358,9 +377,9 @@ def report(client, parent, out: Path) -> None:
             f"for n=1); modelwise.csv also has the std and the 95% t-interval (`_ci_low`, `_ci_high`) of each."
             f"\n\nInterpolation threshold (first width with mean final train error <= {INTERPOLATED:.0%}, by "
             f"{THRESHOLD_BY[by]}): {critical if critical is not None else 'not reached'}. Test-error peak (second "
-            f"descent): width {peak_width(table)}.")
+            f"descent): {peak_text(table, 'test_err')}.")
     if table["test_loss_mean"].notna().any():
-        note += f" Test-loss peak: width {peak_width(table, 'test_loss')}."
+        note += f" Test-loss peak: {peak_text(table, 'test_loss')}."
     descent = second_descent(history, table)
     if descent is not None:
         ci = (f", 95% CI [{descent['peak_minus_first_min_ci_low']:.4f}, {descent['peak_minus_first_min_ci_high']:.4f}]"
