@@ -114,6 +114,24 @@ def test_ranks_share_a_rank_inside_the_noise_of_the_tie_groups_best():
     assert list(up["t"]) == ["w", "z", "y", "x"] and list(up["rank"]) == [1, 1, 1, 4]
 
 
+def test_rank_1_is_every_group_not_distinguishable_from_the_best():
+    # a (best, tight), b 1 point worse (tight: distinct from a), c 1.5 points worse but noisy: inside a's noise.
+    # Walking down from b, c was only compared with b and got rank 2, though it cannot be told from the best.
+    noise = [0.0, 0.05, -0.05, 0.04, -0.04]
+    rows = [{"t": t, "seed": s, "err": base + scale * e} for s, e in enumerate(noise)
+            for t, base, scale in (("a", 0.10, 0.01), ("b", 0.11, 0.01), ("c", 0.115, 1.0))]
+    df = pd.DataFrame(rows)
+    d = results.paired(df, "t", "a", "err").set_index("t")
+    assert d.loc["b", "distinct"] and not d.loc["c", "distinct"]  # the premise
+    r = results.ranks(df, "t", "err").set_index("t")
+    assert list(r.index) == ["a", "b", "c"]  # best mean first
+    assert list(r["rank"]) == [1, 2, 1] and list(r["tied_with"]) == ["a", "b", "a"]
+    # A group without a finite value anywhere (every run diverged) comes last, unranked, not a KeyError.
+    nan = pd.concat([df, pd.DataFrame([{"t": "d", "seed": s, "err": float("nan")} for s in range(5)])])
+    r = results.ranks(nan, "t", "err")
+    assert list(r["t"]) == ["a", "b", "c", "d"] and math.isnan(r["rank"].iloc[-1])
+
+
 @pytest.mark.parametrize("call, column", [
     (lambda df: results.summarize(df, "technique", ["test/err", "test/erx"]), "test/erx"),
     (lambda df: results.summarize(df, "techniqe", "test/err"), "techniqe"),
@@ -134,3 +152,11 @@ def test_paired_without_the_baseline_names_it():
 def test_mean_se_text():
     assert results.mean_se_text(0.5012, 0.0061, 5) == "50.1 ± 0.6% (n=5)"
     assert results.mean_se_text(0.5012, math.nan, 1) == "50.1% (n=1)"
+
+
+def test_a_difference_in_words_claims_nothing_without_an_interval():
+    row = {"diff_mean": 0.053, "diff_se": 0.008, "diff_ci_low": 0.031, "diff_ci_high": 0.075, "n": 5, "distinct": True}
+    assert results.diff_text(row) == "+0.0530 ± 0.0080 (SE, 95% CI +0.0310 to +0.0750, n=5): the interval excludes 0"
+    one = {**row, "diff_se": math.nan, "diff_ci_low": math.nan, "diff_ci_high": math.nan, "n": 1, "distinct": False}
+    assert results.diff_text(one, 100, 1, " points") == "+5.3 points (n=1: no interval, no claim)"  # not "± nan"
+

@@ -20,12 +20,13 @@ seeds). With n = 1 std, SE and the interval are NaN: one seed carries no spread,
 `paired` gives the same for the per-seed differences against a baseline group, and whether the interval excludes 0.
 
 `ranks` orders groups by their mean and gives tied ones one rank. The rule: walk down the groups from the best mean.
-The first opens a tie group; each next group joins the open tie group if its paired difference from that tie group's
-first (best) member is not distinct (the 95% interval over the seeds they share holds 0), and otherwise opens a new
-tie group. A group's rank is the position of its tie group's first member (competition ranking: 1, 1, 3, ...), so
-rank 1 is "not distinguishable from the best", ranks follow the means, and a rank only changes where the data
-distinguish. The intervals are per pair, not corrected for the number of pairs compared: among many groups, some
-distinctions at 95% are chance.
+The first leads a tie group; each next group joins the first tie group (in order) whose leader it is not
+distinguishable from (the paired difference's 95% interval over the seeds they share holds 0), and otherwise leads a
+new tie group. A group's rank is the position of its tie group's leader (competition ranking: 1, 1, 3, ...), so
+rank 1 is exactly "not distinguishable from the best", and a rank only changes where the data distinguish. Ranks need
+not follow the means: a noisy group behind one that is distinct from the best can itself be inside the best's noise
+(rank 1 after a rank 2). Groups without a finite mean come last, unranked. The intervals are per pair, not corrected
+for the number of pairs compared: among many groups, some distinctions at 95% are chance.
 """
 
 from __future__ import annotations
@@ -209,15 +210,37 @@ def ranks(df: pd.DataFrame, by: str, metric: str, pair_on: str = "seed", within:
     for key, part in groups:
         key = key if isinstance(key, tuple) else (key,)
         means = part.groupby(by, sort=True)[metric].mean()
-        order = sorted(means.index, key=lambda g: sign * means[g])
-        leader, rank, vs_leader = None, 0, None
+        order = sorted(means.index[means.notna()], key=lambda g: sign * means[g])
+        leaders: list[tuple[object, int, pd.Series]] = []  # (leader, its rank, distinct: every group vs it)
         for position, g in enumerate(order, start=1):
-            if leader is None or bool(vs_leader.loc[g, "distinct"]):
-                leader, rank = g, position
-                d = paired(part, by, leader, metric, pair_on, confidence)  # every other group minus the leader
-                vs_leader = d.set_index(by) if len(d) else pd.DataFrame({"distinct": []})
-            out.append({**dict(zip(within, key)), by: g, "mean": means[g], "rank": rank, "tied_with": leader})
+            # A group the leader shares no seeds with is missing from its table: not comparable, so not tied.
+            tied = next(((lead, rank) for lead, rank, distinct in leaders if not distinct.get(g, True)), None)
+            if tied is None:
+                d = paired(part, by, g, metric, pair_on, confidence)  # every other group minus g
+                leaders.append((g, position, d.set_index(by)["distinct"] if len(d) else pd.Series(dtype=bool)))
+                tied = (g, position)
+            out.append({**dict(zip(within, key)), by: g, "mean": means[g], "rank": tied[1], "tied_with": tied[0]})
+        for g in means.index[means.isna()]:
+            out.append({**dict(zip(within, key)), by: g, "mean": means[g], "rank": math.nan, "tied_with": None})
     return pd.DataFrame(out, columns=[*within, by, "mean", "rank", "tied_with"])
+
+
+def n_range(ns) -> str:
+    """'5', or '3-5' where the groups' seed counts differ (a title must not say 5 when some rest on 3)."""
+    lo, hi = int(min(ns)), int(max(ns))
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def diff_text(row, scale: float = 1.0, digits: int = 4, unit: str = "") -> str:
+    """A `paired` row in words: '+0.0530 ± 0.0080 (SE, 95% CI +0.031 to +0.075, n=5): the interval excludes 0';
+    with n < 2 no spread and no claim: '+0.0530 (n=1: no interval, no claim)'."""
+    f = f"{{:+.{digits}f}}"
+    mean = f.format(scale * row["diff_mean"]) + unit
+    if int(row["n"]) < 2 or not math.isfinite(row["diff_se"]):
+        return f"{mean} (n={int(row['n'])}: no interval, no claim)"
+    verdict = "the interval excludes 0" if row["distinct"] else "the interval includes 0, no difference claimed"
+    return (f"{mean} ± {scale * row['diff_se']:.{digits}f}{unit} (SE, 95% CI {f.format(scale * row['diff_ci_low'])} "
+            f"to {f.format(scale * row['diff_ci_high'])}, n={int(row['n'])}): {verdict}")
 
 
 def mean_se_text(mean: float, se: float, n: int, scale: float = 100.0, digits: int = 1, unit: str = "%") -> str:

@@ -158,8 +158,7 @@ def peak_text(table: pd.DataFrame, metric: str) -> str:
 
 
 def seeds_text(table: pd.DataFrame) -> str:
-    lo, hi = int(table["n"].min()), int(table["n"].max())
-    return f"n={lo} seed{'s' if hi > 1 else ''}" if lo == hi else f"n={lo}-{hi} seeds"
+    return f"n={results.n_range(table['n'])} seed{'s' if table['n'].max() > 1 else ''}"
 
 
 def _pick_widths(table: pd.DataFrame, critical: int | None) -> list[int]:
@@ -382,13 +381,12 @@ def report(client, parent, out: Path) -> None:
         note += f" Test-loss peak: {peak_text(table, 'test_loss')}."
     descent = second_descent(history, table)
     if descent is not None:
-        ci = (f", 95% CI [{descent['peak_minus_first_min_ci_low']:.4f}, {descent['peak_minus_first_min_ci_high']:.4f}]"
-              f"{'' if descent['distinct'] else ': not distinguishable from 0'}"
-              if np.isfinite(descent["peak_minus_first_min_ci_low"]) else "")
+        row = {k: descent[f"peak_minus_first_min{s}"] for k, s in (("diff_mean", ""), ("diff_se", "_se"),
+                                                                    ("diff_ci_low", "_ci_low"),
+                                                                    ("diff_ci_high", "_ci_high"))}
         note += (f" Peak minus first minimum (width {descent['peak_width']:.0f} minus width "
                  f"{descent['first_min_width']:.0f}, final test error, paired by seed): "
-                 f"{descent['peak_minus_first_min']:.4f} ± {descent['peak_minus_first_min_se']:.4f} (SE, "
-                 f"n={descent['n']:.0f}{ci}).")
+                 f"{results.diff_text({**row, 'n': descent['n'], 'distinct': descent['distinct']})}.")
     note += "\n\n" + left_out_note(client, parent)
     shown = ["width", "n", "params", "epochs", *(f"{m}_{stat}" for m in (*METRICS, *EXTRA)
                                                   if f"{m}_mean" in table for stat in ("mean", "se"))]

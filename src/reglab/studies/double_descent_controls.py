@@ -133,7 +133,7 @@ def figure(table: pd.DataFrame, rises: pd.DataFrame, x: str, line: str, title: s
     if not rises.empty:
         labels = [_label(line, v) for v in rises[line]]
         y = np.arange(len(rises))
-        ax_rise.errorbar(100 * rises["diff_mean"], y, xerr=100 * rises["diff_se"].fillna(0), fmt="o", capsize=3,
+        ax_rise.errorbar(100 * rises["diff_mean"], y, xerr=100 * rises["diff_se"], fmt="o", capsize=3,  # NaN: no bar
                          color="tab:red")
         ax_rise.axvline(0, color="gray", lw=1)
         ax_rise.set_yticks(y, [f"{lab}\n{a:g} → {b:g}" for lab, a, b in zip(labels, rises["x_lo"], rises["x_hi"])],

@@ -172,9 +172,10 @@ def _figure_test_error(table: pd.DataFrame, runs: pd.DataFrame, subtitle: str, o
     fig, ax = plt.subplots(figsize=(8, 4.8))
     x = np.arange(len(table))
     colors = ["tab:gray", "tab:blue", "tab:green", "tab:orange"]
-    mean, se = 100 * table["test_err_mean"].to_numpy(), 100 * table["test_err_se"].fillna(0).to_numpy()
-    ax.bar(x, mean, yerr=se, capsize=5, alpha=0.75, color=colors[: len(table)],
+    mean, se = 100 * table["test_err_mean"].to_numpy(), 100 * table["test_err_se"].to_numpy()
+    ax.bar(x, mean, yerr=se, capsize=5, alpha=0.75, color=colors[: len(table)],  # NaN (n = 1): no bar, not a 0
            label="bar: mean; error bar: ± 1 SE over seeds")
+    se = np.nan_to_num(se)  # label positions; no "±" without a spread
     top = 0.0
     for i, arm in enumerate(table["arm"]):
         errs = 100 * runs[runs.arm == arm]["test_err"].to_numpy()
@@ -186,7 +187,7 @@ def _figure_test_error(table: pd.DataFrame, runs: pd.DataFrame, subtitle: str, o
                     textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
     ax.set_xticks(x, [ARMS[a][0] for a in table["arm"]], fontsize=8)
     ax.set_ylabel("test error (%)")
-    ax.set_title(f"Final test error with and without early stopping (n = {int(table['n'].max())} seeds)\n"
+    ax.set_title(f"Final test error with and without early stopping (n = {results.n_range(table['n'])} seeds)\n"
                  f"{subtitle}", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     ax.set_ylim(0, top * 1.25)  # room for the labels and the legend

@@ -17,12 +17,12 @@ parent run's artifacts,
 - runs.csv: one row per child run, the numbers the tables are made of.
 
 Ranking with ties (`reglab.results.ranks`, within each training-set size): walk down the techniques from the lowest
-mean test error; the first opens a tie group, each next one joins the open tie group when its paired per-seed
-difference from that group's best member has a 95% interval holding 0, and otherwise opens a new one. A technique's
-rank is its tie group's first position (1, 1, 3, ...; "=k" in grid.png when shared; the group's best is `tied_with`
-in grid.csv), so rank 1 = not distinguishable from the best, and the order never claims more than the seeds
-measured. The intervals are per pair and not corrected for the many pairs a grid has: a lone distinction may be
-chance.
+mean test error; the first leads a tie group, each next one joins the first tie group whose leader its paired
+per-seed difference cannot be told from (a 95% interval holding 0), and otherwise leads a new one. A technique's
+rank is its tie group's leader's position (1, 1, 3, ...; "=k" in grid.png when shared; the leader is `tied_with` in
+grid.csv), so rank 1 = not distinguishable from the best, and the order never claims more than the seeds measured
+(a noisy technique may share rank 1 below one that is distinct from the best). The intervals are per pair and not
+corrected for the many pairs a grid has: a lone distinction may be chance.
 
 A technique is named from the run's logged config: the regularizers it has (`regularization.<name>.*` params) with
 their main setting, plus batch norm when the run's model.norm differs from the study's. Recipes
@@ -149,9 +149,10 @@ def grid_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.Dat
     t = results.summarize(runs, ["train_size", "technique"], metrics)
     r = results.ranks(runs, "technique", "test_err", pair_on="seed", within=["train_size"])
     t = t.merge(r[["train_size", "technique", "rank", "tied_with"]], on=["train_size", "technique"], how="left")
-    vs = paired.drop(columns=["n", "diff_std"]).rename(
+    # vs_none_n: the seeds paired with none's (a seed without a none run is left out of the difference)
+    vs = paired.drop(columns=["diff_std"]).rename(
         columns=lambda c: c.replace("diff_", f"vs_{BASELINE}_") if c.startswith("diff_") else
-        (f"vs_{BASELINE}_distinct" if c == "distinct" else c))
+        (f"vs_{BASELINE}_{c}" if c in ("distinct", "n") else c))
     t = t.merge(vs, on=["train_size", "technique"], how="left")
     first = ["train_size", "rank", "technique", "n", "tied_with"]
     t = t[[*first, *(c for c in t.columns if c not in first)]]
@@ -161,13 +162,14 @@ def grid_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.Dat
 # grid.md: the columns a reader needs; grid.csv has them all
 MARKDOWN_COLUMNS = ["train_size", "rank", "technique", "n", "test_err_mean", "test_err_se", "test_err_ci_low",
                     "test_err_ci_high", f"vs_{BASELINE}_mean", f"vs_{BASELINE}_ci_low", f"vs_{BASELINE}_ci_high",
-                    f"vs_{BASELINE}_distinct", "train_err_mean", "train_eval_err_mean", "gap_mean", "zero_frac_mean"]
+                    f"vs_{BASELINE}_distinct", f"vs_{BASELINE}_n", "train_err_mean", "train_eval_err_mean", "gap_mean", "zero_frac_mean"]
 
 
 def rank_labels(t: pd.DataFrame) -> list[str]:
     """'=k technique' for a rank that techniques share, 'k technique' for one that is its own."""
     shared = t["rank"].value_counts()
-    return [f"{'=' if shared[r] > 1 else ''}{int(r)}  {name}" for r, name in zip(t["rank"], t["technique"])]
+    return [f"-  {name}" if pd.isna(r) else f"{'=' if shared[r] > 1 else ''}{int(r)}  {name}"
+            for r, name in zip(t["rank"], t["technique"])]
 
 
 def _plt():
@@ -194,9 +196,10 @@ def _figure_grid(table: pd.DataFrame, runs: pd.DataFrame, subtitle: str, out: Pa
         sub_runs = runs[runs["train_size"] == size] if size is not None else runs
         t = t.iloc[::-1]  # best at the top
         y = np.arange(len(t))
-        mean, se = 100 * t["test_err_mean"].to_numpy(), 100 * t["test_err_se"].fillna(0).to_numpy()
+        mean, se = 100 * t["test_err_mean"].to_numpy(), 100 * t["test_err_se"].to_numpy()
         colors = ["tab:gray" if name == BASELINE else "tab:blue" for name in t["technique"]]
-        ax.barh(y, mean, xerr=se, color=colors, alpha=0.8, capsize=3)
+        ax.barh(y, mean, xerr=se, color=colors, alpha=0.8, capsize=3)  # NaN (n = 1): no bar, not a 0
+        se = np.nan_to_num(se)  # label positions; no "±" without a spread
         ax.plot(100 * t["train_err_mean"], y, "|", color="tab:red", ms=12, mew=2)
         for yi, name, m, e in zip(y, t["technique"], mean, se):
             seeds = 100 * sub_runs.loc[sub_runs["technique"] == name, "test_err"].to_numpy()
@@ -207,8 +210,8 @@ def _figure_grid(table: pd.DataFrame, runs: pd.DataFrame, subtitle: str, out: Pa
         ax.set_yticks(y, rank_labels(t), fontsize=8)
         ax.set_xlabel("test error (%)")
         ax.set_xlim(0, top * 1.25)  # room for the value labels
-        n = int(t["n"].max())
-        ax.set_title(("" if size is None else f"{int(size)} training examples, ") + f"n = {n} seed(s) each; "
+        ax.set_title(("" if size is None else f"{int(size)} training examples, ") + f"n = {results.n_range(t['n'])} "
+                     "seed(s) per technique; "
                      "=k: rank shared (inside the noise of its tie group's best)", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
         if has_pairs:
@@ -319,15 +322,16 @@ def report(client, parent, out: Path) -> None:
     paired = paired_table(runs)
     table = grid_table(runs, paired)
     table.to_csv(out / "grid.csv", index=False)
-    n = f"n = {int(table['n'].min())}" + (f"-{int(table['n'].max())}" if table["n"].nunique() > 1 else "")
+    n = f"n = {results.n_range(table['n'])}"
     (out / "grid.md").write_text(
         f"# {study}: final test error by technique, by rank (mean ± SE over {n} seeds)\n\n{subtitle}\n\n"
         "test_err: mean, standard error (sample std, ddof=1, / sqrt(n)) and 95% Student-t interval over seeds. "
         f"vs_{BASELINE}: test error minus {BASELINE}'s on the same seed (mean and 95% interval of the paired "
-        f"differences; distinct = the interval excludes 0; paired.md). rank: from the lowest mean down, a technique "
-        "shares the rank of the tie group's best member (tied_with) while its paired difference from that member has "
-        "a 95% interval holding 0, and opens a new rank (its position) when it does not; rank 1 = not "
-        "distinguishable from the best. Intervals per pair, not corrected for the number of pairs. gap = test "
+        f"differences over the vs_{BASELINE}_n seeds both have; distinct = the interval excludes 0; paired.md). "
+        "rank: from the lowest mean down, a technique shares the rank of the first tie group whose leader (tied_with) "
+        "its paired difference has a 95% interval holding 0 against, and leads a new rank (its position) when there "
+        "is none; rank 1 = not distinguishable from the best (ranks may then not follow the means). Intervals per "
+        "pair, not corrected for the number of pairs. gap = test "
         "error − train error (train error: last epoch, training mode, noisy labels); train_eval_err (where "
         "logged): eval mode, dropout off, the full noisy training set after the last epoch; zero_frac: fraction "
         "of exactly-zero weights at the end. grid.csv has every column (std, intervals of each metric).\n\n"

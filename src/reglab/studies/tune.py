@@ -238,8 +238,8 @@ def _figure(trials, ok, best, default, searched, evals, paired, out: Path) -> No
             ax.set_xlim(-0.4, 1.4)
             ax.set_ylabel(f"{m}" + (" (%)" if scale == 100 else "") + ", one line per seed")
             p = paired[m].iloc[0]
-            ax.set_title(f"tuned - default: {scale * p.diff_mean:+.3g} ± {scale * p.diff_se:.2g}{unit} (n={int(p.n)})",
-                         fontsize=9)
+            spread = f" ± {scale * p.diff_se:.2g}" if p.n > 1 and np.isfinite(p.diff_se) else ""
+            ax.set_title(f"tuned - default: {scale * p.diff_mean:+.3g}{spread}{unit} (n={int(p.n)})", fontsize=9)
             ax.grid(alpha=0.3)
     fig.suptitle(f"{len(trials)} trials; best {OBJECTIVE} {best[OBJECTIVE]:.4f}", fontsize=10)
     fig.tight_layout()
@@ -266,13 +266,8 @@ def _words(study, trials, ok, best, default, searched, summary, paired, tuning_s
         for m, scale, unit, points, digits in (("test/err", 100, "%", " points", 1), ("test/loss", 1, "", "", 3)):
             arm = {a: results.mean_se_text(s.loc[a, f"{m}_mean"], s.loc[a, f"{m}_se"], int(s.loc[a, "n"]), scale=scale,
                                            digits=digits, unit=unit) for a in ("tuned", "default")}
-            p = paired[m].iloc[0]
-            f = f"{{:+.{digits}f}}"
             lines.append(f"- {m}: tuned {arm['tuned']}, default {arm['default']}; paired by seed, tuned - default = "
-                         f"{f.format(scale * p.diff_mean)} ± {scale * p.diff_se:.{digits}f}{points} (95% CI "
-                         f"{f.format(scale * p.diff_ci_low)} to {f.format(scale * p.diff_ci_high)}, n={int(p.n)}): "
-                         + ("the interval excludes 0." if p.distinct else "the interval includes 0, no difference "
-                            "claimed."))
+                         f"{results.diff_text(paired[m].iloc[0], scale, digits, points)}.")
     return "\n".join(lines) + "\n"
 
 
