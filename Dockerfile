@@ -1,8 +1,9 @@
 # reglab image: the package installed in /opt/venv with CPU PyTorch (default) or a CUDA build.
-#   docker build -t reglab .                                   # CPU torch
+#   docker build -t reglab --build-arg GIT_COMMIT="$(git rev-parse HEAD)" .      # CPU torch
 #   docker build -t reglab:cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .
 #   docker run --rm reglab make test
-#   docker run --rm -v "$PWD/mlruns:/app/mlruns" reglab python scripts/train.py model=mlp data=digits
+#   docker run --rm --user "$(id -u):$(id -g)" -v "$PWD/mlruns:/app/mlruns" reglab python scripts/train.py \
+#     model=mlp data=digits                                   # files in ./mlruns owned by you, not root
 #   docker run --rm --gpus all -v "$PWD/data:/app/data" reglab:cuda python scripts/train.py +exp=double_descent
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
@@ -17,11 +18,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# make runs the README's commands; git lets runs record their commit. Debian's current versions are fine for both.
+# make runs the README's commands (Debian's current version is fine). No git: .git stays out of the build context;
+# runs record the commit given as GIT_COMMIT (tag git_commit; "unknown" without it).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make git \
+    && apt-get install -y --no-install-recommends make \
     && rm -rf /var/lib/apt/lists/*
+ARG GIT_COMMIT=""
+ENV REGLAB_GIT_COMMIT=${GIT_COMMIT}
 
 WORKDIR /app
 RUN python -m venv /opt/venv \
@@ -32,7 +36,11 @@ COPY pyproject.toml README.md ./
 COPY src ./src
 RUN pip install -e ".[dev]"
 COPY . .
-# The Makefile's install step is done: mark it so `make test` / `make run` use /opt/venv as it is.
-RUN touch /opt/venv/.installed
+# The Makefile's install step is done: mark it so `make test` / `make run` use /opt/venv as it is. Not root: a
+# user that owns /app (results/, outputs/, mlruns/ when nothing is mounted there); --user overrides it.
+RUN touch /opt/venv/.installed \
+    && useradd --create-home --uid 1000 reglab \
+    && chown -R reglab /app
+USER 1000
 
 CMD ["make", "run"]

@@ -56,5 +56,9 @@ bench: install
 lint: install
 	$(VENV)/bin/hadolint Dockerfile
 
+# Hydra's job folders and caches. Not outputs/checkpoints/ (what interrupted runs resume from; make run's study
+# uploads no checkpoint to MLflow), nor mlruns/ or results/: remove those by hand.
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf multirun .pytest_cache
+	if [ -d outputs ]; then find outputs -mindepth 1 -maxdepth 1 ! -name checkpoints -exec rm -rf {} +; fi
+	@echo "kept: outputs/checkpoints/ (resumable runs), mlruns/ (the MLflow store), results/ (study reports)"

@@ -1,6 +1,6 @@
 """`make bench`: what reglab costs over plain PyTorch, measured side by side in one process.
 
-    python scripts/bench.py [--repeats 5] [--threads 1] [--cases step,study,data] [--out docs/benchmarks.md]
+    python scripts/bench.py [--repeats 5] [--threads 1] [--cases step,study,study_full,population,data] [--out FILE]
 
 Cases (each repeat runs every variant of a case once, in alternating order, so load from other processes hits
 them alike; the table gives medians over the repeats and the min-max spread):
@@ -16,7 +16,8 @@ them alike; the table gives medians over the repeats and the min-max spread):
    against reglab training the same members one job each (what a population saves per member).
 3. data path: images/s of the cifar_standard augmentation through Albumentations (per image, CPU) and through the
    batched PadCropFlip (reglab/data/device_augment.py) on 32x32x3 batches of 512.
-Writes the table with machine, date and versions to --out.
+Writes the table with machine, date and versions between the markers of --out (default docs/benchmarks.md, only
+when every case ran: a subset would drop the other rows). The runs' temporary stores are removed at the end.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import io
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +44,7 @@ from typing import Callable
 import reglab  # noqa: F401  (no-network environment before Lightning, MLflow and albumentations load)
 
 ROOT = Path(__file__).resolve().parents[1]
+CASES = ("step", "study", "study_full", "population", "data")  # --cases; all of them: make bench
 CONF = ROOT / "conf"
 
 
@@ -477,11 +480,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads for every variant (1: stable timings on a shared 2-core machine)")
-    p.add_argument("--cases", default="step,study,study_full,population,data")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     p.add_argument("--study-repeats", type=int, default=3)
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--out", default=None,
+                   help="the markdown file whose bench section the table replaces (default: docs/benchmarks.md, "
+                        "written only when every case ran: a subset would drop the other rows)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, 2 repeats, nothing written (a quick check)")
     args = p.parse_args()
+    wanted = args.cases.split(",")
+    unknown = [c for c in wanted if c not in CASES]
+    if unknown:
+        p.error(f"--cases: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    for name in ("repeats", "threads", "study_repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    out = Path(args.out) if args.out else ROOT / "docs" / "benchmarks.md" if set(wanted) == set(CASES) else None
 
     import torch
 
@@ -489,9 +502,15 @@ def main() -> None:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     repeats = 2 if args.smoke else args.repeats
-    wanted = args.cases.split(",")
     started = time.perf_counter()
-    store = Path(tempfile.mkdtemp(prefix="reglab-bench-"))
+    store = Path(tempfile.mkdtemp(prefix="reglab-bench-"))  # the runs' MLflow stores and checkpoints
+    try:
+        run_cases(args, wanted, repeats, store, started, out)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def run_cases(args, wanted: list[str], repeats: int, store: Path, started: float, out: Path | None) -> None:
     cases: list[Case] = []
     if "step" in wanted:
         mlp_epochs = 2 if args.smoke else 30
@@ -525,10 +544,13 @@ def main() -> None:
     print(md)
     if args.smoke:
         return
+    if out is None:
+        print("not written: a subset of the cases (--out FILE writes its table there)", file=sys.stderr)
+        return
     header = (f"Command: `make bench` (`python scripts/bench.py --repeats {repeats} --threads {args.threads}`), "
               f"{datetime.date.today().isoformat()}, {elapsed / 60:.1f} min.\n\nMachine: {machine()}.\n")
-    write_section(Path(args.out), header + "\n" + md + "\n")
-    print(f"written to {args.out}", file=sys.stderr)
+    write_section(out, header + "\n" + md + "\n")
+    print(f"written to {out}", file=sys.stderr)
 
 
 MARK_BEGIN, MARK_END = "<!-- bench.py: begin -->", "<!-- bench.py: end -->"

@@ -24,16 +24,25 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for scripts/train.py")
     args = parser.parse_args()
+    if args.runs < 2:
+        parser.error(f"--runs={args.runs}: comparing needs at least 2 runs")
 
     from hydra import compose, initialize_config_dir
 
+    from reglab import cli
     from reglab.train import run
 
     results = []
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(CONF), version_base="1.3"):
         for i in range(args.runs):
-            cfg = compose("train", [*args.overrides, "logger=none", f"paths.root={tmp}/{i}"])
-            results.append(run(cfg))
+            try:
+                results.append(run(compose("train", [*args.overrides, "logger=none", f"paths.root={tmp}/{i}"])))
+            except Exception as e:  # a user's mistake (unknown option or key, bad value): one line, as train.py
+                line = cli.one_line(e, CONF)
+                if line is None:
+                    raise
+                print(f"error: {line}", file=sys.stderr)
+                return cli.EXIT_USER_ERROR
     keys = sorted(k for k in results[0] if k.startswith(("train/", "val/", "test/")))
     print(f"config: {' '.join(args.overrides) or '(defaults)'}; {args.runs} runs\n")
     print("| metric | " + " | ".join(f"run {i}" for i in range(args.runs)) + " | identical |")

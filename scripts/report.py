@@ -31,6 +31,9 @@ def compose(overrides: list[str]):
 
 
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return 0
     from reglab import cli
     from reglab.runs.study import write_report
 

@@ -65,3 +65,16 @@ def test_a_resumed_fit_draws_what_the_uninterrupted_fit_drew(tmp_path):
     _, resumed = fit(4, str(tmp_path / "epoch2.ckpt"))
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize(("args", "words"), [(["model=mlpx"], "error: model=mlpx: there is no conf/model/mlpx.yaml"),
+                                             (["--runs", "1"], "--runs=1: comparing needs at least 2 runs")])
+def test_check_determinism_script_refuses_bad_input_in_one_line(tmp_path, args, words):
+    from pathlib import Path
+
+    from train_cli import train_cli
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_determinism.py"
+    out = train_cli(*args, script=script, cwd=tmp_path)
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+

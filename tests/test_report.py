@@ -169,6 +169,11 @@ def test_report_script_names_a_missing_study_in_one_line(tmp_root, mlflow_uri):
     assert out.stderr.strip() == "error: study='no_such_study': no parent run in this MLflow store (run the sweep first)"
 
 
+def test_report_script_help_is_its_usage(tmp_root):
+    out = train_cli("--help", script=SCRIPT, cwd=tmp_root)  # an error ("study=NAME is required") before
+    assert out.returncode == 0 and out.stdout.startswith("Write a study's report from MLflow:"), out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("mistake, words", [
     (["logger=mlfow"], ["logger=mlfow", "conf/logger/mlfow.yaml", "mlflow"]),
     (["paths.rot=x"], ["paths.rot", "misspelled"]),

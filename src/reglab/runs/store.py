@@ -116,7 +116,10 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
-    # Once per process (two git subprocesses, ~15 ms): a sweep worker runs many jobs of the same checkout.
+    # Once per process (two git subprocesses, ~15 ms): a sweep worker runs many jobs of the same checkout. Where the
+    # code has no repository (the Docker image: .git stays out of its context), the commit it was built from.
+    if os.environ.get("REGLAB_GIT_COMMIT"):
+        return os.environ["REGLAB_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).parent)
