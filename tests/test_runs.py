@@ -217,3 +217,14 @@ def test_an_experiment_another_process_created_first_is_used_not_an_error(tmp_pa
     monkeypatch.setattr(MlflowClient, "get_experiment_by_name", lookup_before_the_other_create)
     assert experiment(cfg)[1] == winner
     assert len(calls) == 2 and len(client.search_experiments(filter_string="name = 'raced'")) == 1
+
+
+def test_the_commit_of_an_image_without_a_repository_comes_from_its_build(monkeypatch):
+    from reglab.runs import store
+
+    store.git_commit.cache_clear()
+    monkeypatch.setenv("REGLAB_GIT_COMMIT", "0123abc")  # the Dockerfile's GIT_COMMIT build argument
+    try:
+        assert store.git_commit() == "0123abc"
+    finally:
+        store.git_commit.cache_clear()
