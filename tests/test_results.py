@@ -94,8 +94,9 @@ def test_paired_within_groups_and_a_difference_inside_the_noise_is_not_distinct(
     assert d[(d["size"] == 100) & (d["technique"] == "a")].iloc[0]["distinct"]
 
 
-def test_ranks_share_a_rank_inside_the_noise_of_the_tie_groups_best():
-    # x < y < z < w by 1 point per step, with seed noise: x-y and y-z inside the noise, x-z and x-w distinct, z-w not.
+def test_a_rank_is_one_plus_the_groups_measurably_better():
+    # x < y < z < w by 1 point per step, with seed noise: x-y and y-z inside the noise, x-z and x-w distinct, z-w and
+    # y-w not.
     noise = {0: 0.0, 1: 0.012, 2: -0.012, 3: 0.006, 4: -0.006}
     rows = []
     for s, e in noise.items():
@@ -105,18 +106,20 @@ def test_ranks_share_a_rank_inside_the_noise_of_the_tie_groups_best():
     d = results.paired(df, "t", "x", "err").set_index("t")
     assert not d.loc["y", "distinct"] and d.loc["z", "distinct"] and d.loc["w", "distinct"]  # the premise
     assert not results.paired(df, "t", "z", "err").set_index("t").loc["w", "distinct"]
+    assert not results.paired(df, "t", "y", "err").set_index("t")["distinct"].any()
     r = results.ranks(df, "t", "err")
     assert list(r["t"]) == ["x", "y", "z", "w"]  # best mean first
-    # y ties with x; z is distinct from x and opens rank 3 (competition ranking); w is inside z's noise
-    assert list(r["rank"]) == [1, 1, 3, 3] and list(r["tied_with"]) == ["x", "x", "z", "z"]
+    # Nothing is measurably better than x or y (rank 1); x is, than z and w (rank 2 each)
+    assert list(r["rank"]) == [1, 1, 2, 2] and list(r["better"]) == ["", "", "x", "x"]
     assert r["mean"].tolist() == pytest.approx([0.2, 0.21, 0.22, 0.225])
     up = results.ranks(df, "t", "err", lower_is_better=False)  # e.g. accuracy: the highest is best
-    assert list(up["t"]) == ["w", "z", "y", "x"] and list(up["rank"]) == [1, 1, 1, 4]
+    assert list(up["t"]) == ["w", "z", "y", "x"] and list(up["rank"]) == [1, 1, 1, 3]
+    assert up["better"].iloc[-1] == "w, z"
 
 
-def test_rank_1_is_every_group_not_distinguishable_from_the_best():
-    # a (best, tight), b 1 point worse (tight: distinct from a), c 1.5 points worse but noisy: inside a's noise.
-    # Walking down from b, c was only compared with b and got rank 2, though it cannot be told from the best.
+def test_a_noisy_group_nothing_is_measurably_better_than_ranks_first():
+    # a (best, tight), b 1 point worse (tight: distinct from a), c 1.5 points worse but noisy: no group is measurably
+    # better than c. Walking down from b (the rule before), c was compared with b only and ranked behind it.
     noise = [0.0, 0.05, -0.05, 0.04, -0.04]
     rows = [{"t": t, "seed": s, "err": base + scale * e} for s, e in enumerate(noise)
             for t, base, scale in (("a", 0.10, 0.01), ("b", 0.11, 0.01), ("c", 0.115, 1.0))]
@@ -125,7 +128,7 @@ def test_rank_1_is_every_group_not_distinguishable_from_the_best():
     assert d.loc["b", "distinct"] and not d.loc["c", "distinct"]  # the premise
     r = results.ranks(df, "t", "err").set_index("t")
     assert list(r.index) == ["a", "b", "c"]  # best mean first
-    assert list(r["rank"]) == [1, 2, 1] and list(r["tied_with"]) == ["a", "b", "a"]
+    assert list(r["rank"]) == [1, 2, 1] and list(r["better"]) == ["", "a", ""]
     # A group without a finite value anywhere (every run diverged) comes last, unranked, not a KeyError.
     nan = pd.concat([df, pd.DataFrame([{"t": "d", "seed": s, "err": float("nan")} for s in range(5)])])
     r = results.ranks(nan, "t", "err")

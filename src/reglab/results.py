@@ -19,14 +19,12 @@ trainer.test is logged one step past its last epoch: that row has only the test 
 seeds). With n = 1 std, SE and the interval are NaN: one seed carries no spread, and nothing pretends it does.
 `paired` gives the same for the per-seed differences against a baseline group, and whether the interval excludes 0.
 
-`ranks` orders groups by their mean and gives tied ones one rank. The rule: walk down the groups from the best mean.
-The first leads a tie group; each next group joins the first tie group (in order) whose leader it is not
-distinguishable from (the paired difference's 95% interval over the seeds they share holds 0), and otherwise leads a
-new tie group. A group's rank is the position of its tie group's leader (competition ranking: 1, 1, 3, ...), so
-rank 1 is exactly "not distinguishable from the best", and a rank only changes where the data distinguish. Ranks need
-not follow the means: a noisy group behind one that is distinct from the best can itself be inside the best's noise
-(rank 1 after a rank 2). Groups without a finite mean come last, unranked. The intervals are per pair, not corrected
-for the number of pairs compared: among many groups, some distinctions at 95% are chance.
+`ranks` gives each group the rank 1 + the number of groups measurably better than it: a better mean and a paired
+difference (over the seeds both have) whose 95% interval excludes 0. Rank 1 = no group is measurably better; groups
+with the same count share a rank; `better` names them. Every statement is one paired test, so ranks need not follow
+the means where the tests' precision differs: a group whose small, consistent gap behind another excludes 0 can rank
+below a noisier group with a higher mean. Groups without a finite mean come last, unranked. The intervals are per
+pair, not corrected for the number of pairs compared: among many groups, some distinctions at 95% are chance.
 """
 
 from __future__ import annotations
@@ -199,9 +197,9 @@ def paired(df: pd.DataFrame, by: str, baseline, metric: str, pair_on: str = "see
 
 def ranks(df: pd.DataFrame, by: str, metric: str, pair_on: str = "seed", within: Sequence[str] = (),
           lower_is_better: bool = True, confidence: float = CONFIDENCE) -> pd.DataFrame:
-    """Per group of `by` (within each group of `within`), best mean first: its `mean` of `metric`, `rank` (1 = best;
-    groups inside the noise of their tie group's best member share its rank, by paired differences over `pair_on`;
-    the rule is in the module docstring) and `tied_with`: that best member."""
+    """Per group of `by` (within each group of `within`), best mean first: its `mean` of `metric`, `rank` (1 + the
+    groups measurably better: a better mean and a paired difference over `pair_on` whose interval excludes 0; the
+    module docstring) and `better`: those groups, comma-separated."""
     within = list(within)
     _require(df, "ranks", [by, metric, pair_on, *within])
     sign = 1.0 if lower_is_better else -1.0
@@ -211,18 +209,20 @@ def ranks(df: pd.DataFrame, by: str, metric: str, pair_on: str = "seed", within:
         key = key if isinstance(key, tuple) else (key,)
         means = part.groupby(by, sort=True)[metric].mean()
         order = sorted(means.index[means.notna()], key=lambda g: sign * means[g])
-        leaders: list[tuple[object, int, pd.Series]] = []  # (leader, its rank, distinct: every group vs it)
-        for position, g in enumerate(order, start=1):
-            # A group the leader shares no seeds with is missing from its table: not comparable, so not tied.
-            tied = next(((lead, rank) for lead, rank, distinct in leaders if not distinct.get(g, True)), None)
-            if tied is None:
-                d = paired(part, by, g, metric, pair_on, confidence)  # every other group minus g
-                leaders.append((g, position, d.set_index(by)["distinct"] if len(d) else pd.Series(dtype=bool)))
-                tied = (g, position)
-            out.append({**dict(zip(within, key)), by: g, "mean": means[g], "rank": tied[1], "tied_with": tied[0]})
+        better: dict[object, list] = {g: [] for g in order}
+        for b in order:
+            d = paired(part, by, b, metric, pair_on, confidence)  # every other group minus b
+            # A group b shares no seeds with is missing from its table: no test, no claim.
+            distinct = d.set_index(by)["distinct"] if len(d) else pd.Series(dtype=bool)
+            for g in order:
+                if sign * means[b] < sign * means[g] and bool(distinct.get(g, False)):
+                    better[g].append(b)
+        for g in order:
+            out.append({**dict(zip(within, key)), by: g, "mean": means[g], "rank": 1 + len(better[g]),
+                        "better": ", ".join(map(str, better[g]))})
         for g in means.index[means.isna()]:
-            out.append({**dict(zip(within, key)), by: g, "mean": means[g], "rank": math.nan, "tied_with": None})
-    return pd.DataFrame(out, columns=[*within, by, "mean", "rank", "tied_with"])
+            out.append({**dict(zip(within, key)), by: g, "mean": means[g], "rank": math.nan, "better": ""})
+    return pd.DataFrame(out, columns=[*within, by, "mean", "rank", "better"])
 
 
 def n_range(ns) -> str:

@@ -16,12 +16,11 @@ parent run's artifacts,
   line per technique, mean +- 1 SE band;
 - runs.csv: one row per child run, the numbers the tables are made of.
 
-Ranking with ties (`reglab.results.ranks`, within each training-set size): walk down the techniques from the lowest
-mean test error; the first leads a tie group, each next one joins the first tie group whose leader its paired
-per-seed difference cannot be told from (a 95% interval holding 0), and otherwise leads a new one. A technique's
-rank is its tie group's leader's position (1, 1, 3, ...; "=k" in grid.png when shared; the leader is `tied_with` in
-grid.csv), so rank 1 = not distinguishable from the best, and the order never claims more than the seeds measured
-(a noisy technique may share rank 1 below one that is distinct from the best). The intervals are per pair and not
+Ranking (`reglab.results.ranks`, within each training-set size): a technique's rank is 1 + the number of
+techniques measurably better than it (a lower mean test error and a paired per-seed difference whose 95% interval
+excludes 0; they are `better` in grid.csv), so rank 1 = none is measurably better, techniques with the same count
+share a rank ("=k" in grid.png), and the order never claims more than the seeds measured. Ranks need not follow the
+means (a small but consistent gap is measurable where a larger noisy one is not). The intervals are per pair and not
 corrected for the many pairs a grid has: a lone distinction may be chance.
 
 A technique is named from the run's logged config: the regularizers it has (`regularization.<name>.*` params) with
@@ -148,13 +147,13 @@ def grid_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.Dat
     metrics += ["train_eval_err"] if "train_eval_err" in runs and runs["train_eval_err"].notna().any() else []
     t = results.summarize(runs, ["train_size", "technique"], metrics)
     r = results.ranks(runs, "technique", "test_err", pair_on="seed", within=["train_size"])
-    t = t.merge(r[["train_size", "technique", "rank", "tied_with"]], on=["train_size", "technique"], how="left")
+    t = t.merge(r[["train_size", "technique", "rank", "better"]], on=["train_size", "technique"], how="left")
     # vs_none_n: the seeds paired with none's (a seed without a none run is left out of the difference)
     vs = paired.drop(columns=["diff_std"]).rename(
         columns=lambda c: c.replace("diff_", f"vs_{BASELINE}_") if c.startswith("diff_") else
         (f"vs_{BASELINE}_{c}" if c in ("distinct", "n") else c))
     t = t.merge(vs, on=["train_size", "technique"], how="left")
-    first = ["train_size", "rank", "technique", "n", "tied_with"]
+    first = ["train_size", "rank", "technique", "n", "better"]
     t = t[[*first, *(c for c in t.columns if c not in first)]]
     return t.sort_values(["train_size", "rank", "test_err_mean"], ascending=[False, True, True]).reset_index(drop=True)
 
@@ -212,7 +211,7 @@ def _figure_grid(table: pd.DataFrame, runs: pd.DataFrame, subtitle: str, out: Pa
         ax.set_xlim(0, top * 1.25)  # room for the value labels
         ax.set_title(("" if size is None else f"{int(size)} training examples, ") + f"n = {results.n_range(t['n'])} "
                      "seed(s) per technique; "
-                     "=k: rank shared (inside the noise of its tie group's best)", fontsize=9)
+                     "rank = 1 + techniques measurably better; =k: shared", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
         if has_pairs:
             _panel_paired(row_axes[1], t, y)
@@ -328,10 +327,9 @@ def report(client, parent, out: Path) -> None:
         "test_err: mean, standard error (sample std, ddof=1, / sqrt(n)) and 95% Student-t interval over seeds. "
         f"vs_{BASELINE}: test error minus {BASELINE}'s on the same seed (mean and 95% interval of the paired "
         f"differences over the vs_{BASELINE}_n seeds both have; distinct = the interval excludes 0; paired.md). "
-        "rank: from the lowest mean down, a technique shares the rank of the first tie group whose leader (tied_with) "
-        "its paired difference has a 95% interval holding 0 against, and leads a new rank (its position) when there "
-        "is none; rank 1 = not distinguishable from the best (ranks may then not follow the means). Intervals per "
-        "pair, not corrected for the number of pairs. gap = test "
+        "rank: 1 + the techniques measurably better (a lower mean and a paired difference whose 95% interval excludes "
+        "0; grid.csv's `better` names them): rank 1 = none is; ranks need not follow the means. Intervals per pair, "
+        "not corrected for the number of pairs. gap = test "
         "error − train error (train error: last epoch, training mode, noisy labels); train_eval_err (where "
         "logged): eval mode, dropout off, the full noisy training set after the last epoch; zero_frac: fraction "
         "of exactly-zero weights at the end. grid.csv has every column (std, intervals of each metric).\n\n"
