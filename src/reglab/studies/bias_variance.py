@@ -168,7 +168,8 @@ def _run(cfg: DictConfig, b: DictConfig, rec: StudyRecorder) -> dict[str, float]
     df.to_csv(rec.dir / "decomposition_full.csv", index=False)
 
     for sweep, xlabel, name, logx in (("poly_order", "polynomial order $M$", "polynomial_order", False),
-                                      ("poly_lnlambda", f"ln λ  (M = {pm.sweep_order})", "polynomial_lnlambda",
+                                      ("poly_lnlambda", f"ln λ, sum form (M = {pm.sweep_order})",
+                                       "polynomial_lnlambda",
                                        False),
                                       ("mlp_width", f"hidden width ({mm.depth} hidden layer{'s' * (mm.depth > 1)},"
                                                     f" {mm.activation})", "mlp_width", True)):
