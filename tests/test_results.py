@@ -163,3 +163,10 @@ def test_a_difference_in_words_claims_nothing_without_an_interval():
     one = {**row, "diff_se": math.nan, "diff_ci_low": math.nan, "diff_ci_high": math.nan, "n": 1, "distinct": False}
     assert results.diff_text(one, 100, 1, " points") == "+5.3 points (n=1: no interval, no claim)"  # not "± nan"
 
+
+def test_a_metric_measured_in_fewer_runs_says_on_how_many():
+    df = pd.DataFrame({"t": ["a"] * 3, "seed": [0, 1, 2], "err": [0.1, 0.2, 0.3], "l2": [1.0, float("nan"), 3.0]})
+    s = results.summarize(df, "t", ["err", "l2"]).iloc[0]
+    assert s["n"] == 3 and s["l2_n"] == 2 and "err_n" not in s  # l2's SE is over 2 runs, not the n shown
+    assert s["l2_se"] == pytest.approx(np.std([1.0, 3.0], ddof=1) / math.sqrt(2))
+

@@ -145,7 +145,8 @@ def summarize(df: pd.DataFrame, by: str | Sequence[str], metrics: str | Iterable
               confidence: float = CONFIDENCE) -> pd.DataFrame:
     """Per group of `by`: n and, per metric m, `m_mean`, `m_std` (ddof=1), `m_se`, `m_ci_low`, `m_ci_high`
     (Student's t interval at `confidence`). Rows with a NaN metric count in no number of that metric; n is the
-    group's number of rows with the first metric present."""
+    group's number of rows with the first metric present, and `m_n` that of a metric whose count differs from n in
+    some group (its SE and interval rest on m_n runs)."""
     by = [by] if isinstance(by, str) else list(by)
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     if not metrics:
@@ -155,6 +156,8 @@ def summarize(df: pd.DataFrame, by: str | Sequence[str], metrics: str | Iterable
     out = pd.DataFrame({"n": g[metrics[0]].count()})
     for m in metrics:
         n = g[m].count()
+        if not n.equals(out["n"]):
+            out[f"{m}_n"] = n
         mean, std = g[m].mean(), g[m].std(ddof=1)
         se = std / np.sqrt(n)
         half = _interval(se, n, confidence)
