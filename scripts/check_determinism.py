@@ -37,12 +37,8 @@ def main() -> int:
         for i in range(args.runs):
             try:
                 results.append(run(compose("train", [*args.overrides, "logger=none", f"paths.root={tmp}/{i}"])))
-            except Exception as e:  # a user's mistake (unknown option or key, bad value): one line, as train.py
-                line = cli.one_line(e, CONF)
-                if line is None:
-                    raise
-                print(f"error: {line}", file=sys.stderr)
-                return cli.EXIT_USER_ERROR
+            except Exception as e:  # a user's mistake: one line, as train.py
+                return cli.script_error(e, CONF)
     keys = sorted(k for k in results[0] if k.startswith(("train/", "val/", "test/")))
     print(f"config: {' '.join(args.overrides) or '(defaults)'}; {args.runs} runs\n")
     print("| metric | " + " | ".join(f"run {i}" for i in range(args.runs)) + " | identical |")

@@ -40,11 +40,7 @@ def main(argv: list[str]) -> int:
     try:
         out = write_report(compose(argv))
     except Exception as e:  # a user's mistake (unknown option or key, unreachable server): one line, as train.py
-        line = cli.one_line(e, CONF)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return cli.EXIT_USER_ERROR
+        return cli.script_error(e, CONF)
     print(f"report: {out}")
     return 0
 

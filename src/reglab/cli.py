@@ -141,6 +141,16 @@ def metrics_line(metrics: dict[str, float]) -> None:
         print(" ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))))
 
 
+def script_error(exc: Exception, conf_dir: Path) -> int:
+    """In a script other than train.py (report, check_determinism): a user's mistake (unknown option or key, bad
+    value, unreachable server) as one line on stderr and the exit status to return; a bug is raised again."""
+    line = one_line(exc, conf_dir)
+    if line is None:
+        raise exc
+    print(f"error: {line}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
 def fail(line: str) -> NoReturn:
     print(f"error: {line}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
