@@ -196,3 +196,8 @@ def test_draws_are_a_function_of_seed_epoch_and_rank(device):
     assert not torch.equal(epoch1, draws(module(0, 0)))  # epochs differ
     assert not torch.equal(epoch1, draws(module(1, 1)))  # ranks differ
     assert torch.equal(draws(module(1, 1)), draws(module(1, 1)))
+    # A new fit of the same data module (the retrain after early stopping: a new Trainer) starts its epoch 0 afresh,
+    # not where the fit before it left the stream.
+    first = draws(uninterrupted)  # epoch 1 of the first fit, drawn again: the stream has moved on
+    uninterrupted.trainer = SimpleNamespace(training=True, current_epoch=1, global_rank=0, world_size=2)
+    assert not torch.equal(first, epoch1) and torch.equal(draws(uninterrupted), epoch1)

@@ -183,12 +183,10 @@ class BatchAugment:
         self.specs = _specs(transforms)
         self.image_hw, self.scale, self.seed = tuple(image_hw), float(scale), seed
         self.pipeline = build_pipeline(self.specs, seed=seed, image_hw=self.image_hw)
-        self._epoch: tuple[int, int] | None = None
 
     def start_epoch(self, epoch: int, rank: int = 0) -> None:
         """Draw this epoch's (and rank's) augmentations from epoch_seed (unseeded pipelines stay unseeded)."""
-        if self.seed is not None and self._epoch != (epoch, rank):
-            self._epoch = (epoch, rank)
+        if self.seed is not None:
             self.pipeline.set_random_seed(epoch_seed(self.seed, epoch, rank))
 
     def __repr__(self) -> str:

@@ -89,6 +89,7 @@ class InMemoryDataModule(L.LightningDataModule):
         # augment: CPU batch transform in stored dtype (Albumentations); device_augment: on-device batched
         # transform of [0, 1] floats (the GPU fast path). Both touch the training split only.
         self.augment, self.device_augment = augment, device_augment
+        self._drawing: tuple | None = None  # (trainer, epoch, rank) whose augmentation draws are set
         # Epoch-wise studies (double descent) need the test error after every epoch: the test split then joins the
         # validation loop as a second loader, and `eval_stages` names each loader's metrics for the Classifier.
         self.test_every_epoch = test_every_epoch
@@ -171,10 +172,15 @@ class InMemoryDataModule(L.LightningDataModule):
                 start(epoch, rank)
 
     def _augmenting(self) -> bool:
-        """Whether the batch at hand is a training batch; if it is, its epoch's and rank's draws are set first."""
+        """Whether the batch at hand is a training batch. The first of an epoch sets that epoch's and rank's draws
+        (of a fit: a retrain after early stopping, a new Trainer, starts its epoch 0 afresh)."""
         if not self._training():
             return False
-        self.seed_augmentation(self.trainer.current_epoch, self.trainer.global_rank)
+        t = self.trainer
+        key = (id(t), t.current_epoch, t.global_rank)
+        if key != self._drawing:
+            self._drawing = key
+            self.seed_augmentation(t.current_epoch, t.global_rank)
         return True
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):

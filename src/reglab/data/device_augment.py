@@ -34,16 +34,14 @@ class PadCropFlip:
             raise ConfigError(f"augmentation: padding={padding} must be >= 0 and flip p={flip_p} in [0, 1]")
         self.padding, self.flip_p, self.fill, self.seed = int(padding), float(flip_p), float(fill), seed
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._epoch: tuple[int, int] | None = None
         self._stream_seed = seed
 
     def __repr__(self) -> str:
         return f"PadCropFlip(padding={self.padding}, flip_p={self.flip_p:g}, fill={self.fill:g})"
 
     def start_epoch(self, epoch: int, rank: int = 0) -> None:
-        if self._epoch != (epoch, rank):
-            self._epoch, self._stream_seed = (epoch, rank), epoch_seed(self.seed, epoch, rank)
-            self._generators.clear()
+        self._stream_seed = epoch_seed(self.seed, epoch, rank)
+        self._generators.clear()
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:

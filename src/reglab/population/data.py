@@ -101,6 +101,7 @@ class PopulationDataModule(L.LightningDataModule):
         _check_fusable(members)
         first = members[0]
         self.members = list(members)
+        self._drawing: tuple | None = None  # (trainer, epoch, rank) whose members' augmentation draws are set
         self.num_classes = first.num_classes
         self.batch_size, self.eval_batch_size = first.batch_size, first.eval_batch_size
         self.test_every_epoch, self.on_device = first.test_every_epoch, first.on_device
@@ -162,8 +163,12 @@ class PopulationDataModule(L.LightningDataModule):
         """As InMemoryDataModule._augmenting, for every member: its draws are those of its solo run's epoch."""
         if not self._training():
             return False
-        for m in self.members:
-            m.seed_augmentation(self.trainer.current_epoch, self.trainer.global_rank)
+        t = self.trainer
+        key = (id(t), t.current_epoch, t.global_rank)
+        if key != self._drawing:
+            self._drawing = key
+            for m in self.members:
+                m.seed_augmentation(t.current_epoch, t.global_rank)
         return True
 
     def _stacked(self, x: torch.Tensor) -> bool:
