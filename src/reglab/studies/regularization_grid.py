@@ -5,7 +5,7 @@ parent run's artifacts,
 - grid.{csv,md}: per technique (and training-set size), `reglab.results.summarize` over seeds of the final test
   error (n, mean, SE, 95% t-interval; the CSV also the std, ddof=1), the train-test gap, final train error and the
   fraction of exactly-zero weights (params/zero_frac), the eval-mode train error (train_eval/err) where logged; the
-  paired difference from `none`; the rank; sorted by rank;
+  paired difference from `none`; the rank; sorted by mean test error;
 - paired.{csv,md}: per technique (and training-set size), test error minus that of `none` on the same seed (same
   data, label noise and batch order; `reglab.results.paired`): n, mean, SE, 95% t-interval and `distinct` (the
   interval excludes 0). Pairing removes what a seed does to every technique alike, so it sees differences that two
@@ -141,7 +141,7 @@ def paired_table(runs: pd.DataFrame) -> pd.DataFrame:
 def grid_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per (train_size, technique): rank, n, and mean, std (ddof=1), SE, 95% interval of test_err, train_err, gap
     and zero_frac (`results.summarize`), and the paired difference from BASELINE (`vs_none_*`). Sorted largest
-    size first, then by rank and mean test error."""
+    size first, then by mean test error (ranks need not follow it)."""
     paired = paired_table(runs) if paired is None else paired
     metrics = ["test_err", "train_err", "gap", "zero_frac"]
     metrics += ["train_eval_err"] if "train_eval_err" in runs and runs["train_eval_err"].notna().any() else []
@@ -155,7 +155,7 @@ def grid_table(runs: pd.DataFrame, paired: pd.DataFrame | None = None) -> pd.Dat
     t = t.merge(vs, on=["train_size", "technique"], how="left")
     first = ["train_size", "rank", "technique", "n", "better"]
     t = t[[*first, *(c for c in t.columns if c not in first)]]
-    return t.sort_values(["train_size", "rank", "test_err_mean"], ascending=[False, True, True]).reset_index(drop=True)
+    return t.sort_values(["train_size", "test_err_mean"], ascending=[False, True]).reset_index(drop=True)
 
 
 # grid.md: the columns a reader needs; grid.csv has them all
@@ -229,7 +229,7 @@ def _figure_grid(table: pd.DataFrame, runs: pd.DataFrame, subtitle: str, out: Pa
                     Patch(color="tab:gray", alpha=0.7, label="paired difference: not distinct (interval holds 0)"),
                     Line2D([], [], color="k", marker="|", ms=8, lw=1,
                            label="paired difference: error bar = 95% t-interval over seeds")]
-    fig.suptitle(f"Regularization grid: final test error by rank, best at the top\n{subtitle}", fontsize=10)
+    fig.suptitle(f"Regularization grid: final test error, lowest mean at the top\n{subtitle}", fontsize=10)
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     rows = -(-len(handles) // 4)
     fig.tight_layout(rect=(0, (0.25 * rows + 0.15) / fig.get_figheight(), 1, 1))  # the legend's rows below
@@ -323,7 +323,7 @@ def report(client, parent, out: Path) -> None:
     table.to_csv(out / "grid.csv", index=False)
     n = f"n = {results.n_range(table['n'])}"
     (out / "grid.md").write_text(
-        f"# {study}: final test error by technique, by rank (mean ± SE over {n} seeds)\n\n{subtitle}\n\n"
+        f"# {study}: final test error by technique, lowest mean first (mean ± SE over {n} seeds)\n\n{subtitle}\n\n"
         "test_err: mean, standard error (sample std, ddof=1, / sqrt(n)) and 95% Student-t interval over seeds. "
         f"vs_{BASELINE}: test error minus {BASELINE}'s on the same seed (mean and 95% interval of the paired "
         f"differences over the vs_{BASELINE}_n seeds both have; distinct = the interval excludes 0; paired.md). "
