@@ -161,6 +161,8 @@ def test_a_population_setting_the_sweep_cannot_honour_is_one_line_before_anythin
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and all(w in lines[0] for w in words), r.stderr[-2000:]
     assert not (tmp_path / "outputs").exists()  # no job ran
+    # and no study parent is left RUNNING and empty (it is opened when the multirun starts, before the plan)
+    assert runs_of(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "double_descent")[1] == []
 
 
 def test_a_report_that_cannot_be_written_ends_the_sweep_with_one_line(tmp_path, empty_store):

@@ -110,6 +110,17 @@ def open_parent(cfg: DictConfig, axes: dict[str, str] | None = None) -> str:
     return parent
 
 
+def drop_empty_parent(cfg: DictConfig) -> None:
+    """The parent this multirun opened, deleted if no child run is in it: a sweep refused before its jobs ran leaves
+    nothing behind (a parent with children, from an earlier sweep of the same study, stays)."""
+    parent = os.environ.pop(ENV_PARENT, None)
+    if not parent:
+        return
+    client, exp_id, _ = store.experiment(cfg)
+    if not client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1):
+        client.delete_run(parent)
+
+
 def parent_id(cfg: DictConfig) -> str:
     """The parent opened by StudyCallback for this sweep, or (a direct reglab.train.run call) one keyed by the
     preset's axes."""
