@@ -30,6 +30,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -152,6 +153,7 @@ def reglab_images_per_s(width: int, n: int, batch: int, epochs: int, smoke: bool
         train.run(cfg)
     finally:
         train.build_callbacks = original
+        shutil.rmtree(root, ignore_errors=True)
     if len(stamps) < 3:
         raise RuntimeError(f"expected >= 2 epochs of timestamps, got {len(stamps)}")
     steady = stamps[-1] - stamps[1]  # epochs 2.. (validation-free: val_fraction 0, no test_every_epoch)

@@ -93,6 +93,11 @@ def main() -> int:
     ap.add_argument("--params", type=int, default=50)
     ap.add_argument("--points", type=int, default=200)
     args = ap.parse_args()
+    if args.server_procs < 0 or args.sqlite_procs < 0 or not (args.server_procs or args.sqlite_procs):
+        ap.error("--server-procs and --sqlite-procs: >= 0 each, one of them > 0 (no case to run)")
+    for name in ("server_workers", "runs", "params", "points"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
     os.environ.update({"MLFLOW_DISABLE_TELEMETRY": "true", "NO_PROXY": "127.0.0.1,localhost",
                        "no_proxy": "127.0.0.1,localhost"})
     work = Path(tempfile.mkdtemp(prefix="bench_writers-"))
@@ -123,9 +128,11 @@ def main() -> int:
                                     args.runs, args.params, args.points))
     finally:
         if server is not None:
+            import contextlib
             import signal
 
-            os.killpg(server.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # a server that died at start-up: its message stands
+                os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
     cols = list(results[0])
