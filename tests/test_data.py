@@ -56,8 +56,8 @@ def test_digits_splits_and_subset():
     assert x.dtype == torch.float32 and abs(x.mean().item()) < 0.3
 
 
-def test_mnist1d_generated_offline():
-    dm = MNIST1DDataModule(train_samples=400, test_samples=200, val_fraction=0.0)
+def test_mnist1d_generated_offline(tmp_path):
+    dm = MNIST1DDataModule(train_samples=400, test_samples=200, val_fraction=0.0, root=str(tmp_path))  # not ./data's
     dm.setup()
     assert dm.input_shape == (40,) and len(dm.train_y) == 400 and len(dm.test_y) == 200
     assert set(dm.train_y.tolist()) == set(range(10))

@@ -263,6 +263,12 @@ def test_dropconnect_gaussian_inference_in_the_mlp():
     torch.testing.assert_close(net.head(hidden), hidden @ (0.5 * net.head.weight).T + net.head.bias)
     assert not torch.allclose(net(x), mean_net(x), atol=1e-3)  # relu of the mean is not the mean of relu
     assert (hidden >= torch.relu(mean_net.hidden[0].linear(x)) - 0.02).all()  # E relu(u) >= relu(E u) (Jensen)
+    # Training is unchanged: the same masks (same generator state) give the same outputs as the default inference.
+    net.train(), mean_net.train()
+    torch.manual_seed(2)
+    trained = net(x)
+    torch.manual_seed(2)
+    torch.testing.assert_close(trained, mean_net(x))
 
 
 @pytest.mark.parametrize("override, match", [

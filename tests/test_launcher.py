@@ -31,7 +31,7 @@ def test_slots_fill_every_gpu_before_packing_a_second_job_and_free_on_close(tmp_
 def test_each_job_process_sees_only_its_gpu(tmp_path):
     # Four concurrent job processes, 2 GPUs x 2 jobs per GPU: each gets CUDA_VISIBLE_DEVICES before any CUDA use.
     code = textwrap.dedent(f"""
-        import os, sys, time
+        import os, sys
         from omegaconf import OmegaConf
         from reglab.launcher import assign_gpu
         cfg = OmegaConf.create({{"trainer": {{"accelerator": "gpu"}},
@@ -39,16 +39,18 @@ def test_each_job_process_sees_only_its_gpu(tmp_path):
         first = assign_gpu(cfg)
         again = assign_gpu(cfg)  # the next job in the same worker process keeps the slot
         print(first, again, os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
-        time.sleep(float(sys.argv[1]))
+        if sys.argv[1] == "hold":
+            sys.stdin.read()  # holds its slot until the test closes its stdin (not a sleep that a slow machine outlasts)
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")}
-    procs = [subprocess.Popen([sys.executable, "-c", code, "4"], env=env, stdout=subprocess.PIPE, text=True)
-             for _ in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, "hold"], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
     seen = [p.stdout.readline().split() for p in procs]
     # A fifth job while the four run: no slot left, a one-line error naming the knob.
-    extra = subprocess.run([sys.executable, "-c", code, "0"], env=env, capture_output=True, text=True)
+    extra = subprocess.run([sys.executable, "-c", code, "done"], env=env, capture_output=True, text=True)
     for p in procs:
-        p.wait()
+        p.stdin.close()
+        p.wait(timeout=60)
     assert all(first == again == visible for first, again, visible in seen)
     assert Counter(first for first, _, _ in seen) == {"0": 2, "1": 2}
     assert extra.returncode != 0 and "launcher.jobs_per_gpu=2" in extra.stderr

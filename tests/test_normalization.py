@@ -98,9 +98,11 @@ def _norm_inputs(net, x):
     return seen
 
 
-@pytest.mark.parametrize("make, x", [
-    (lambda pos: MLP((10,), 3, width=16, depth=2, norm="batch", norm_position=pos), torch.randn(32, 10)),
-    (lambda pos: ResNet18((1, 8, 8), 3, width=2, norm="batch", norm_position=pos), torch.randn(8, 1, 8, 8)),
+@pytest.mark.parametrize("make, x", [  # inputs from a generator of their own, not the collection-time global state
+    (lambda pos: MLP((10,), 3, width=16, depth=2, norm="batch", norm_position=pos),
+     torch.randn(32, 10, generator=torch.Generator().manual_seed(0))),
+    (lambda pos: ResNet18((1, 8, 8), 3, width=2, norm="batch", norm_position=pos),
+     torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))),
 ])
 def test_norm_position_pre_normalizes_before_the_activation(make, x):
     torch.manual_seed(0)
