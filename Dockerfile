@@ -19,13 +19,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH
 
 # make runs the README's commands (Debian's current version is fine). No git: .git stays out of the build context;
-# runs record the commit given as GIT_COMMIT (tag git_commit; "unknown" without it).
+# runs record the commit given as GIT_COMMIT (tag git_commit; "unknown" without it; set last, below, so a new
+# commit does not rebuild the torch and dependency layers).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends make \
     && rm -rf /var/lib/apt/lists/*
-ARG GIT_COMMIT=""
-ENV REGLAB_GIT_COMMIT=${GIT_COMMIT}
 
 WORKDIR /app
 RUN python -m venv /opt/venv \
@@ -37,10 +36,15 @@ COPY src ./src
 RUN pip install -e ".[dev]"
 COPY . .
 # The Makefile's install step is done: mark it so `make test` / `make run` use /opt/venv as it is. Not root: a
-# user that owns /app (results/, outputs/, mlruns/ when nothing is mounted there); --user overrides it.
+# user that owns /app; the folders runs write (outputs/, multirun/, results/, mlruns/, data/) are writable by any
+# uid, so `--user "$(id -u):$(id -g)"` (files on mounted folders owned by you) works too.
 RUN touch /opt/venv/.installed \
     && useradd --create-home --uid 1000 reglab \
-    && chown -R reglab /app
+    && mkdir -p outputs multirun results mlruns data \
+    && chown -R reglab /app \
+    && chmod 1777 outputs multirun results mlruns data
+ARG GIT_COMMIT=""
+ENV REGLAB_GIT_COMMIT=${GIT_COMMIT}
 USER 1000
 
 CMD ["make", "run"]

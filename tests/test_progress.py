@@ -142,6 +142,9 @@ def test_the_last_line_has_the_studys_headline_from_its_parent_run():
         "modelwise/test_err": 0.3}))
     assert progress.headline(parent) == "dd: peak_minus_first_min=0.0532 ± 0.0080 peak_width=48"
     assert progress.headline(SimpleNamespace(data=SimpleNamespace(tags={}, metrics={}))) == ""
+    none = {"summary/sweet_spot_width": 16.0, "summary/peak_width": float("nan")}  # a curve without a peak
+    assert progress.headline(SimpleNamespace(data=SimpleNamespace(tags={"study": "dd"}, metrics=none))) == \
+        "dd: sweet_spot_width=16"
 
 
 def test_the_progress_bar_draws_in_a_single_run_and_reports_epochs_in_a_sweep_job(tmp_path, monkeypatch):

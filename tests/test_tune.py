@@ -170,6 +170,11 @@ def test_a_key_the_config_lacks_fails_in_one_line_before_optuna_stores_anything(
     assert line.startswith("error: regularization.l1.strength: the config has no key 'regularization.l1'")
     db = root / "mlruns" / "optuna.db"
     assert not db.exists() or optuna.get_all_study_names(f"sqlite:///{db}") == []
+    from mlflow.tracking import MlflowClient  # and no study parent left RUNNING and empty
+
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("tuning")
+    assert exp is None or client.search_runs([exp.experiment_id]) == []
 
 
 def test_sweeper_settings_are_checked_and_auto_jobs_follow_the_launcher():

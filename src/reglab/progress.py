@@ -389,7 +389,7 @@ def headline(parent: Any) -> str:
     `summary/*` metrics (a report writes them: reglab/studies/double_descent.py), `<x>_se` beside `<x>`."""
     metrics = {k.removeprefix("summary/"): v for k, v in parent.data.metrics.items() if k.startswith("summary/")}
     bits = []
-    for k in sorted(k for k in metrics if not k.endswith("_se")):
+    for k in sorted(k for k in metrics if not k.endswith("_se") and math.isfinite(metrics[k])):  # NaN: none (no peak)
         v = metrics[k]
         text = f"{int(v)}" if float(v).is_integer() else f"{v:.4f}"
         if f"{k}_se" in metrics:

@@ -19,8 +19,8 @@ trainer.test is logged one step past its last epoch: that row has only the test 
 seeds). With n = 1 std, SE and the interval are NaN: one seed carries no spread, and nothing pretends it does.
 `paired` gives the same for the per-seed differences against a baseline group, and whether the interval excludes 0.
 
-`ranks` gives each group the rank 1 + the number of groups measurably better than it: a better mean and a paired
-difference (over the seeds both have) whose 95% interval excludes 0. Rank 1 = no group is measurably better; groups
+`ranks` gives each group the rank 1 + the number of groups measurably better than it: a paired difference over the
+seeds both have whose 95% interval excludes 0 in the other group's favour. Rank 1 = no group is measurably better; groups
 with the same count share a rank; `better` names them. Every statement is one paired test, so ranks need not follow
 the means where the tests' precision differs: a group whose small, consistent gap behind another excludes 0 can rank
 below a noisier group with a higher mean. Groups without a finite mean come last, unranked. The intervals are per
@@ -201,7 +201,7 @@ def paired(df: pd.DataFrame, by: str, baseline, metric: str, pair_on: str = "see
 def ranks(df: pd.DataFrame, by: str, metric: str, pair_on: str = "seed", within: Sequence[str] = (),
           lower_is_better: bool = True, confidence: float = CONFIDENCE) -> pd.DataFrame:
     """Per group of `by` (within each group of `within`), best mean first: its `mean` of `metric`, `rank` (1 + the
-    groups measurably better: a better mean and a paired difference over `pair_on` whose interval excludes 0; the
+    groups measurably better: a paired difference over `pair_on` whose interval excludes 0 in their favour; the
     module docstring) and `better`: those groups, comma-separated."""
     within = list(within)
     _require(df, "ranks", [by, metric, pair_on, *within])
@@ -216,9 +216,11 @@ def ranks(df: pd.DataFrame, by: str, metric: str, pair_on: str = "seed", within:
         for b in order:
             d = paired(part, by, b, metric, pair_on, confidence)  # every other group minus b
             # A group b shares no seeds with is missing from its table: no test, no claim.
-            distinct = d.set_index(by)["distinct"] if len(d) else pd.Series(dtype=bool)
+            d = d.set_index(by) if len(d) else pd.DataFrame({"distinct": [], "diff_mean": []})
             for g in order:
-                if sign * means[b] < sign * means[g] and bool(distinct.get(g, False)):
+                # b better than g: on the seeds both have (the paired difference g - b), not on the group means,
+                # which may rest on other seeds
+                if g in d.index and bool(d.loc[g, "distinct"]) and sign * d.loc[g, "diff_mean"] > 0:
                     better[g].append(b)
         for g in order:
             out.append({**dict(zip(within, key)), by: g, "mean": means[g], "rank": 1 + len(better[g]),

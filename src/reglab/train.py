@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from reglab import early_stopping, performance, preemption
@@ -67,13 +67,24 @@ def build_regularizers(cfg: DictConfig) -> dict[str, Any]:
     return {name: build(node, f"regularization.{name}") for name, node in (cfg.get("regularization") or {}).items()}
 
 
-def _ranks(cfg: DictConfig) -> int:
-    """DDP processes of trainer=ddp with a number of devices (each takes every world-th training example)."""
+def _ranks(cfg: DictConfig) -> int | None:
+    """DDP processes the trainer settings start (launcher.uses_ddp: also the default strategy on several devices),
+    each taking every world-th training example; None where the count is the machine's (devices -1 or auto)."""
+    from reglab.launcher import uses_ddp
+
     t = cfg.trainer
-    devices = t.get("devices", 1)
-    if not str(t.get("strategy") or "").startswith("ddp") or not isinstance(devices, int) or devices < 1:
+    if uses_ddp(cfg) is None:
         return 1
-    return devices * int(t.get("num_nodes") or 1)
+    devices = t.get("devices", "auto")
+    if isinstance(devices, (list, ListConfig)):
+        count = len(devices)
+    elif "," in str(devices):
+        count = len([d for d in str(devices).split(",") if d.strip()])
+    elif str(devices).isdigit():
+        count = int(devices)
+    else:
+        return None
+    return count * int(t.get("num_nodes") or 1)
 
 
 def check_splits(cfg: DictConfig, dm, net: nn.Module) -> None:
@@ -89,12 +100,16 @@ def check_splits(cfg: DictConfig, dm, net: nn.Module) -> None:
     if not (n and batch and any(isinstance(m, nn.BatchNorm1d) for m in net.modules())):
         return
     world = _ranks(cfg)
-    # The sizes the model trains on: the training split (per DDP rank), and train + validation where
+    if world is None:  # the machine's device count: not known here
+        return
+    # The sizes the model trains on, per DDP rank: the training split, and train + validation where
     # stopping.after_stop=retrain|continue trains again on both (early_stopping.merge_validation).
-    per_rank = f", {n // world} on each of {world} ranks" if world > 1 else ""
-    sizes = {n // world: f"the training split has {n}{per_rank}"}
+    per_rank = f", {{}} on each of {world} ranks" if world > 1 else ""
+    sizes = {n // world: f"the training split has {n}" + per_rank.format(n // world)}
     if early_stopping.strategy(cfg) != "none":
-        sizes[n + n_val] = f"stopping.after_stop trains again on train + validation, {n + n_val}"
+        both = n + n_val
+        sizes[both // world] = f"stopping.after_stop trains again on train + validation, {both}" + \
+            per_rank.format(both // world)
     for size, what in sizes.items():
         if size % batch == 1:
             # BatchNorm1d cannot normalize one example; torch would stop that epoch's last step with a traceback.

@@ -67,17 +67,23 @@ class OptunaSweeper(Sweeper):
         from reglab.studies import tune
 
         cfg = self.config
-        space, fixed = tune.search_space([f"{k}={v}" for k, v in (self.params or {}).items()] + list(arguments))
-        seeds = tune.evaluation_seeds(cfg, self.evaluate)
-        storage = tune.storage_url(cfg, self.storage)
-        name = self.study_name or tune.study_name(cfg)
-        n_jobs = tune.jobs_at_once(cfg, self.n_jobs)
+        try:
+            space, fixed = tune.search_space([f"{k}={v}" for k, v in (self.params or {}).items()] + list(arguments))
+            seeds = tune.evaluation_seeds(cfg, self.evaluate)
+            storage = tune.storage_url(cfg, self.storage)
+            name = self.study_name or tune.study_name(cfg)
+            n_jobs = tune.jobs_at_once(cfg, self.n_jobs)
+            # A key the config lacks fails here, before Optuna stores a study or hands out a trial.
+            self.validate_batch_is_legal([[*fixed, *tune.overrides(tune.probe(space))]])
+        except Exception:
+            # Refused before any trial ran: the study's parent, opened at the start of the multirun, holds nothing.
+            from reglab.runs.study import drop_empty_parent
+
+            drop_empty_parent(cfg)
+            raise
         sweep_dir = Path(cfg.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
-
-        # A key the config lacks fails here, before Optuna stores a study or hands out a trial.
-        self.validate_batch_is_legal([[*fixed, *tune.overrides(tune.probe(space))]])
         study = optuna.create_study(storage=storage, study_name=name, sampler=self.sampler,
                                     direction=self.direction, load_if_exists=True)
         S = optuna.trial.TrialState

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import reglab  # noqa: F401  (NO_ALBUMENTATIONS_UPDATE before albumentations is imported)
-from reglab.data.loader import epoch_seed
+from reglab.data.loader import AUGMENTATION, epoch_seed
 from reglab.errors import ConfigError
 
 # Transforms that change what a handwritten digit means (the lecture's OCR caveat: b/d, 6/9).
@@ -187,7 +187,7 @@ class BatchAugment:
     def start_epoch(self, epoch: int, rank: int = 0) -> None:
         """Draw this epoch's (and rank's) augmentations from epoch_seed (unseeded pipelines stay unseeded)."""
         if self.seed is not None:
-            self.pipeline.set_random_seed(epoch_seed(self.seed, epoch, rank))
+            self.pipeline.set_random_seed(epoch_seed(self.seed, epoch, rank, AUGMENTATION))
 
     def __repr__(self) -> str:
         return f"BatchAugment({[s['name'] for s in self.specs]}, image_hw={self.image_hw}, scale={self.scale:g})"

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
-from reglab.data.loader import epoch_seed
+from reglab.data.loader import AUGMENTATION, epoch_seed
 from reglab.errors import ConfigError
 
 DEVICE_CHOICES = ("auto", True, False)
@@ -40,7 +40,7 @@ class PadCropFlip:
         return f"PadCropFlip(padding={self.padding}, flip_p={self.flip_p:g}, fill={self.fill:g})"
 
     def start_epoch(self, epoch: int, rank: int = 0) -> None:
-        self._stream_seed = epoch_seed(self.seed, epoch, rank)
+        self._stream_seed = epoch_seed(self.seed, epoch, rank, AUGMENTATION)
         self._generators.clear()
 
     def _generator(self, device: torch.device) -> torch.Generator:

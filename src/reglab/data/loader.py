@@ -17,11 +17,15 @@ import numpy as np
 import torch
 
 
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """The seed of one epoch's augmentation draws on one process: a function of (run seed, epoch, DDP rank) alone,
+STEP, AUGMENTATION = 0, 1  # epoch_seed's streams: the training step's draws (dropout, ...) and the augmentations
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0, stream: int = STEP) -> int:
+    """The seed of one epoch's draws of one `stream` on one process: a function of (run seed, epoch, DDP rank) alone,
     so a resumed run draws what the uninterrupted run would, and ranks draw independently of each other (with the
-    run seed alone, rank r's i-th image of a step got the same crop and flip as every other rank's)."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    run seed alone, rank r's i-th image of a step got the same crop and flip as every other rank's). The streams get
+    different seeds: two generators of one kind seeded alike would draw the same numbers (a flip and a mask)."""
+    return int(np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(1)[0])
 
 
 class TensorLoader:

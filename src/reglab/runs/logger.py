@@ -135,7 +135,10 @@ class RunLogger(MLFlowLogger):
 
     def last_epoch(self) -> dict[str, float]:
         """The store's latest train/*, val/* and params/* values: what the fit's last epoch computed, for a fit
-        resumed after it (only its test was left), which computes nothing."""
+        resumed after it (only its test was left), which computes nothing. Empty on DDP ranks other than 0, whose
+        experiment is Lightning's stand-in (they return no metrics to anyone)."""
+        if rank_zero_only.rank > 0:
+            return {}
         latest = self.experiment.get_run(self.run_id).data.metrics
         return {k: v for k, v in latest.items() if k.startswith(EPOCH_METRICS)}
 

@@ -26,6 +26,7 @@ epoch (data.test_every_epoch). Epoch e in the tables is the state after e epochs
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -349,16 +350,20 @@ def headline(client, parent, table: pd.DataFrame, descent: dict[str, float] | No
               if pd.notna(row[f"{col}_mean"])]
     peak = peak_width(table)
     summary = {"sweet_spot_width": float(sweet_spot(table))}
-    if peak is not None:
-        summary["peak_width"] = float(peak)
     critical = interpolation_threshold(table)
     if critical is not None:
         summary["threshold_width"] = float(critical)
-    summary.update({k: (descent or {})[k] for k in HEADLINE_DESCENT if k in (descent or {})})
-    points += [(f"summary/{k}", float(v), 0) for k, v in summary.items() if pd.notna(v)]
-    held = {(k, m.step, m.value) for k in {k for k, _, _ in points} for m in client.get_metric_history(
+    points += [(f"summary/{k}", float(v), 0) for k, v in summary.items()]
+    # No peak: NaN, so that the latest value of a key an earlier report wrote (a peak of other runs, or the falling
+    # curve's "peak" of the code before) is not what the parent shows (progress.headline leaves NaN out).
+    values = {"peak_width": math.nan if peak is None else peak, **(descent or {})}
+    points += [(f"summary/{k}", float(values.get(k, math.nan)), 0) for k in HEADLINE_DESCENT]
+    def same(v: float) -> object:  # NaN equals NaN here: "no peak" already held is not written again
+        return "nan" if math.isnan(v) else v
+
+    held = {(k, m.step, same(m.value)) for k in {k for k, _, _ in points} for m in client.get_metric_history(
         parent.info.run_id, k)}
-    new = [Metric(k, v, now, step) for k, v, step in points if (k, step, v) not in held]
+    new = [Metric(k, v, now, step) for k, v, step in points if (k, step, same(v)) not in held]
     for i in range(0, len(new), 1000):
         client.log_batch(parent.info.run_id, metrics=new[i:i + 1000])
 
