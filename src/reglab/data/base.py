@@ -35,6 +35,20 @@ class Arrays:
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
+def augmenting(dm) -> bool:
+    """Whether the batch at hand is a training batch of data module `dm`. The first of an epoch sets that epoch's
+    and rank's draws (`dm.seed_augmentation`), keyed by the Trainer too: a second fit of the same data module (the
+    retrain after early stopping) starts its epoch 0 afresh."""
+    t = dm.trainer
+    if t is None or not t.training:
+        return False
+    key = (id(t), t.current_epoch, t.global_rank)
+    if key != dm._drawing:
+        dm._drawing = key
+        dm.seed_augmentation(t.current_epoch, t.global_rank)
+    return True
+
+
 def target_device(dm) -> torch.device | None:
     """The CUDA device the data moves to once (`on_device=auto` and a trainer on a GPU), else None."""
     trainer = dm.trainer
@@ -172,16 +186,7 @@ class InMemoryDataModule(L.LightningDataModule):
                 start(epoch, rank)
 
     def _augmenting(self) -> bool:
-        """Whether the batch at hand is a training batch. The first of an epoch sets that epoch's and rank's draws
-        (of a fit: a retrain after early stopping, a new Trainer, starts its epoch 0 afresh)."""
-        if not self._training():
-            return False
-        t = self.trainer
-        key = (id(t), t.current_epoch, t.global_rank)
-        if key != self._drawing:
-            self._drawing = key
-            self.seed_augmentation(t.current_epoch, t.global_rank)
-        return True
+        return augmenting(self)
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if self.augment is not None and self._augmenting():

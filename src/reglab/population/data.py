@@ -21,7 +21,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from reglab.data.base import InMemoryDataModule, eval_loaders, target_device
+from reglab.data.base import InMemoryDataModule, augmenting, eval_loaders, target_device
 from reglab.data.loader import TensorLoader
 from reglab.errors import ConfigError
 
@@ -159,17 +159,12 @@ class PopulationDataModule(L.LightningDataModule):
     def _training(self) -> bool:
         return self.trainer is not None and self.trainer.training
 
+    def seed_augmentation(self, epoch: int, rank: int = 0) -> None:
+        for m in self.members:  # each member's draws: those of its solo run's epoch
+            m.seed_augmentation(epoch, rank)
+
     def _augmenting(self) -> bool:
-        """As InMemoryDataModule._augmenting, for every member: its draws are those of its solo run's epoch."""
-        if not self._training():
-            return False
-        t = self.trainer
-        key = (id(t), t.current_epoch, t.global_rank)
-        if key != self._drawing:
-            self._drawing = key
-            for m in self.members:
-                m.seed_augmentation(t.current_epoch, t.global_rank)
-        return True
+        return augmenting(self)
 
     def _stacked(self, x: torch.Tensor) -> bool:
         return x.dim() == len(self.input_shape) + 2
