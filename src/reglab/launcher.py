@@ -101,17 +101,25 @@ def cpu_threads(setting: Any, concurrent_jobs: int) -> int:
     return setting
 
 
-def _several(devices: Any, accelerator: str) -> bool:
-    """Whether trainer.devices asks Lightning for more than one process: 2, "2", [0, 1], "0,1"; -1 and (on a GPU)
-    auto mean every device there is."""
+def device_count(devices: Any) -> int | None:
+    """The processes trainer.devices names: 2, "2", [0, 1], "0,1"; None for -1 and auto (the machine's count)."""
     if isinstance(devices, (list, tuple, ListConfig)):
-        return len(devices) > 1
+        return len(devices)
     text = str(devices).strip()
     if "," in text:
-        return len([d for d in text.split(",") if d.strip()]) > 1
-    if text == "-1" or (text == "auto" and accelerator != "cpu"):
+        return len([d for d in text.split(",") if d.strip()])
+    return int(text) if text.isdigit() else None
+
+
+def _several(devices: Any, accelerator: str) -> bool:
+    """Whether trainer.devices asks Lightning for more than one process; -1 and (on a GPU) auto mean every device
+    there is."""
+    count = device_count(devices)
+    if count is not None:
+        return count > 1
+    if str(devices).strip() == "-1" or (str(devices).strip() == "auto" and accelerator != "cpu"):
         return (os.cpu_count() or 1) > 1 if accelerator == "cpu" else len(visible_gpus("auto")) > 1
-    return text.isdigit() and int(text) > 1
+    return False
 
 
 def uses_ddp(cfg: DictConfig) -> str | None:

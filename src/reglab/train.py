@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from reglab import early_stopping, performance, preemption
+from reglab import early_stopping, launcher, performance, preemption
 from reglab.classifier import Classifier
 from reglab.config import validate
 from reglab.data import augmentation, device_augment
@@ -70,21 +70,11 @@ def build_regularizers(cfg: DictConfig) -> dict[str, Any]:
 def _ranks(cfg: DictConfig) -> int | None:
     """DDP processes the trainer settings start (launcher.uses_ddp: also the default strategy on several devices),
     each taking every world-th training example; None where the count is the machine's (devices -1 or auto)."""
-    from reglab.launcher import uses_ddp
-
     t = cfg.trainer
-    if uses_ddp(cfg) is None:
+    if launcher.uses_ddp(cfg) is None:
         return 1
-    devices = t.get("devices", "auto")
-    if isinstance(devices, (list, ListConfig)):
-        count = len(devices)
-    elif "," in str(devices):
-        count = len([d for d in str(devices).split(",") if d.strip()])
-    elif str(devices).isdigit():
-        count = int(devices)
-    else:
-        return None
-    return count * int(t.get("num_nodes") or 1)
+    count = launcher.device_count(t.get("devices", "auto"))
+    return None if count is None else count * int(t.get("num_nodes") or 1)
 
 
 def check_splits(cfg: DictConfig, dm, net: nn.Module) -> None:
