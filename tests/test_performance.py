@@ -69,6 +69,10 @@ from reglab import performance
 from reglab.models import MLP
 from reglab.population import fuse
 torch.set_num_threads(1)
+# glibc's default thresholds, fixed (setting them turns off the adaptive mmap threshold, whose reuse depends on the
+# heap's layout): without keep_freed_memory every pass then faults in fresh pages, so the assertion can fail.
+libc = performance.glibc()
+assert libc.mallopt(performance.M_MMAP_THRESHOLD, 128 << 10) and libc.mallopt(performance.M_TRIM_THRESHOLD, 128 << 10)
 performance.apply(None, {"accelerator": "cpu"}, torch.nn.Identity())  # the defaults, as every run applies them
 net = fuse([MLP((40,), 10, 256, 2) for _ in range(5)]).eval()
 x = torch.randn(1000, 40)
