@@ -52,6 +52,10 @@ ROWS = [
      ["regularization.l2.strength=-0.0001", ">= 0"]),
     ("negative-elastic-net", ["regularization=[elastic_net]", "regularization.elastic_net.l1_strength=-1"],
      ["regularization.elastic_net.l1_strength=-1", ">= 0"]),
+    # w * (1 - 1e-8) == w in float32: efficientnet_style's weight decay did nothing this way until 2026-12-04.
+    ("weight-decay-rounds-to-nothing", ["regularization=[weight_decay]", "regularization.weight_decay.strength=1e-5",
+                                        "optim.lr=0.001"],
+     ["regularization.weight_decay.strength=1e-05", "optim.lr=0.001", "exactly 1 in float32", "above 3e-05"]),
     # Checked by the regularizer class itself (reglab.regularization), after Lightning loads.
     ("regularizer-not-for-model", ["regularization=[spatial_dropout]"],
      ["regularization.spatial_dropout", "model=resnet18"]),

@@ -155,8 +155,8 @@ def test_techniques_are_named_from_their_params_and_recipes_from_conf():
     assert known[(frozenset({"l2", "dropout"}), "batch")] == "l2_dropout_bn"
     assert technique({}, "none", known) == "none"
     assert technique({"regularization.max_norm.max_norm": "3.0"}, "none", known) == "max_norm c=3"
-    params = {"regularization.weight_decay.strength": "1e-05", "regularization.dropout.keep_prob": "0.8",
+    params = {"regularization.weight_decay.strength": "0.01", "regularization.dropout.keep_prob": "0.8",
               "model.norm": "batch"}
-    assert technique(params, "none", known) == "efficientnet_style: weight_decay 1e-05 + dropout keep 0.8 + batch norm"
+    assert technique(params, "none", known) == "efficientnet_style: weight_decay 0.01 + dropout keep 0.8 + batch norm"
     # A ResNet18 already has batch norm: the recipe adds no "batch norm" to the label but is still recognized.
-    assert technique({**params}, "batch", known) == "efficientnet_style: weight_decay 1e-05 + dropout keep 0.8"
+    assert technique({**params}, "batch", known) == "efficientnet_style: weight_decay 0.01 + dropout keep 0.8"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from reglab.errors import ConfigError
@@ -84,6 +85,7 @@ def validate(cfg: DictConfig) -> None:
                           "optim.momentum=0.9 or optim.nesterov=false")
     _validate_targets(OmegaConf.to_container(cfg, resolve=False))
     _validate_regularizers(cfg)
+    _validate_decoupled_decay(cfg)
     _validate_paths(cfg)
 
 
@@ -114,6 +116,24 @@ def _validate_regularizers(cfg: DictConfig) -> None:
                     key = f"regularization.{name}.{arg}"
                     is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
                     _check(is_num and ok(value), key, value, expected)
+
+
+def _validate_decoupled_decay(cfg: DictConfig) -> None:
+    """Decoupled weight decay multiplies float32 weights by 1 - lr * lambda each step; below 2**-25 that factor is
+    exactly 1 and the decay does nothing (EfficientNet's 1e-5 at lr 1e-3 did nothing, bit for bit, until 2026-12-04).
+    Checked at the initial learning rate: a schedule can only lower it."""
+    lr = _number(cfg, "optim.lr")
+    for name, node in (cfg.get("regularization") or {}).items():
+        if not (isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("penalties.WeightDecay")):
+            continue
+        strength = node.get("strength")
+        if not (isinstance(lr, (int, float)) and isinstance(strength, (int, float))) or strength == 0:
+            continue
+        if np.float32(1.0 - lr * strength) == np.float32(1.0):
+            raise ConfigError(f"regularization.{name}.strength={strength!r} with optim.lr={lr!r} decays the weights by "
+                              f"a factor 1 - {lr * strength:.3g} per step, exactly 1 in float32 (no decay at all); "
+                              f"use a strength above {2.0**-25 / lr:.2g} at this lr, or a coupled L2 "
+                              "(regularization=[l2] or optim.weight_decay)")
 
 
 def _validate_paths(cfg: DictConfig) -> None:

@@ -3,11 +3,11 @@ the final metrics): torch.optim.swa_utils.AveragedModel, held by the Classifier 
 its weights, buffers and n_averaged are in the module's state_dict and every checkpoint (last.ckpt, the best one)
 carries them; resuming continues the same average (tested against an uninterrupted run).
 
-- EMA (Polyak & Juditsky 1992; as in timm's ModelEma and Lightning's EMAWeightAveraging): after every optimizer
-  step t, e_t = d e_{t-1} + (1 - d) theta_t, e_1 = theta_1 (torch's get_ema_multi_avg_fn, one fused lerp per
-  dtype). Buffers (batch-norm running statistics) are averaged the same way (use_buffers=True). 1 / (1 - d) steps
-  is the average's memory: theta_1 still weighs d^(t-1) after t steps, so pick d with 1 / (1 - d) well under the
-  run's total steps.
+- EMA (the exponential form of Polyak & Juditsky 1992's uniform average of the iterates, which SWA is; as in
+  timm's ModelEma and Lightning's EMAWeightAveraging): after every optimizer step t, e_t = d e_{t-1} + (1 - d)
+  theta_t, e_1 = theta_1 (torch's get_ema_multi_avg_fn, one fused lerp per dtype). Buffers (batch-norm running
+  statistics) are averaged the same way (use_buffers=True). 1 / (1 - d) steps is the average's memory: theta_1
+  still weighs d^(t-1) after t steps, so pick d with 1 / (1 - d) well under the run's total steps.
 - SWA (Izmailov et al. 2018, "Averaging Weights Leads to Wider Optima and Better Generalization", arXiv
   1803.05407, Alg. 1 with cycle length c = 1 epoch): from epoch floor(start * max_epochs) on, after each epoch's
   last step, w_swa <- (n w_swa + theta) / (n + 1) (AveragedModel's default equal average). Batch-norm statistics of
