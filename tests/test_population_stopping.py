@@ -273,3 +273,74 @@ def test_the_private_earlystopping_members_stopping_py_uses_keep_their_signature
         method = getattr(EarlyStopping, name, None)
         assert method is not None, f"EarlyStopping.{name} is gone: reglab/population/stopping.py must follow"
         assert [p for p in inspect.signature(method).parameters if p != "self"] == params, name
+
+
+def test_a_stop_decided_at_validation_end_resumes_with_the_stop_epochs_train_metrics(tmp_path, empty_store):
+    """check_val_every_n_epoch=2: the stop is decided at validation end, before the module's epoch-end hook computes
+    the epoch's train/* and params/*; the metrics a resumed fit returns for a stopped member are those of its stop
+    epoch (they were the epoch before's: train/loss 1.055 for 0.904 in a review's run)."""
+    from reglab import preemption
+    from reglab.population import stopping
+    from reglab.population.train import train_population
+
+    extra = ("+trainer.check_val_every_n_epoch=2", "callbacks.early_stopping.patience=1", "trainer.max_epochs=14")
+    whole = train_population(configs(with_store(tmp_path / "whole", empty_store), *extra))
+    root = with_store(tmp_path / "killed", empty_store)
+    before = signal.getsignal(signal.SIGTERM)
+    preemption.reset()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(stopping.MemberStopping, "on_train_epoch_end", _sigterm_after_epoch(6))
+            with pytest.raises(preemption.Preempted):
+                train_population(configs(root, *extra))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        preemption.reset()
+    assert stopping.history_ends(next(root.rglob("population-*/last.ckpt")))  # a member had stopped by then
+    assert train_population(configs(root, *extra)) == whole
+
+
+# A kill -9 right after a member's stop epoch was flushed to the store (the logger's timer fell due there), at an
+# epoch with no last.ckpt due (every 3rd epoch): the rerun resumes from the older last.ckpt, and the member stops
+# again at an epoch its history already holds.
+KILLED_AFTER_A_STOP = """
+import os, sys
+from conftest import compose
+from reglab.population import stopping
+from reglab.population.train import train_population
+from reglab.runs import logger
+cfgs = [compose(sys.argv[2:] + [f"seed={s}"]) for s in (0, 1, 2)]
+init = logger.RunLogger.__init__
+def flushing(self, *a, **k):
+    init(self, *a, **k)
+    self.flush_every_s = 0.0  # every epoch's points flushed at its end
+logger.RunLogger.__init__ = flushing
+log_train_eval = stopping.MemberStopping._log_train_eval
+def then_killed(self, trainer, module, members):
+    for lg in trainer.loggers:
+        lg.flush_every_s = 1e9  # the stop epoch's metrics are in the store, its train_eval/* not yet
+    log_train_eval(self, trainer, module, members)
+    if trainer.current_epoch % 3 != 2:
+        os._exit(9)
+    for lg in trainer.loggers:
+        lg.flush_every_s = 0.0
+stopping.MemberStopping._log_train_eval = then_killed
+train_population(cfgs)
+"""
+
+
+def test_a_member_stopped_again_after_a_kill_still_gets_its_train_eval(tmp_path, empty_store):
+    import subprocess
+    import sys
+
+    from reglab.population.train import train_population
+
+    root = with_store(tmp_path, empty_store)
+    overrides = [*BASE, f"paths.root={root}", "callbacks.checkpoint.every_n_epochs=3"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_A_STOP, str(root), *overrides],
+                            cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    train_population([compose([*overrides, f"seed={s}"]) for s in SEEDS])
+    h = histories(root)
+    for s in SEEDS:
+        assert [step for step, _ in h[s]["train_eval/loss"]] == [len(h[s]["val/loss"]) - 1], (s, h[s]["train_eval/loss"])

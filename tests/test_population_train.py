@@ -103,6 +103,32 @@ def test_population_auto_trains_what_cannot_be_fused_one_by_one(tmp_path):
     assert len(results) == 2 and results[0]["test/loss"] != results[1]["test/loss"]
 
 
+def test_one_by_one_a_diverging_member_fails_alone_and_the_others_still_train(tmp_path):
+    """As in a fused population: the member after a diverged one was never trained (the divergence ended the job,
+    and its FAILED run never counts as done, so every rerun stopped at it again)."""
+    from reglab.population.train import train_population
+
+    base = [*MLP_BASE, f"paths.root={tmp_path}", "model.norm=group", "population.mode=auto", "trainer.max_epochs=1",
+            "regularization=[l2]"]
+    cfgs = [compose([*base, "seed=0", "regularization.l2.strength=1e4"]),
+            compose([*base, "seed=1", "regularization.l2.strength=1e-4"])]
+    diverged, trained = train_population(cfgs)
+    assert diverged["train/loss"] != diverged["train/loss"]  # NaN: what population.train.run reports as diverged
+    assert trained["test/err"] < 0.9 and trained["train/loss"] == trained["train/loss"]
+
+
+@pytest.mark.parametrize("override, why", [
+    ("+exp=bias_variance", "runner._target_=reglab.studies.bias_variance.run is a study of its own"),
+    ("+callbacks.lr=lightning.pytorch.callbacks.LearningRateMonitor", "callbacks.lr is a solo fit's callback"),
+    ("callbacks.checkpoint.save_top_k=-1", "save_top_k=-1: a population keeps one best checkpoint per member")])
+def test_why_not_keeps_what_a_population_would_run_otherwise_one_job_per_member(override, why):
+    """A study's own runner (the population trained classifiers in its place), a Lightning callback the population's
+    trainer does not run (dropped silently), save_top_k other than 0 or 1 (one best file per member)."""
+    from reglab.population.sweeper import why_not
+
+    assert why in why_not(compose(["callbacks.early_stopping=null", override]))
+
+
 def test_a_member_that_sets_what_members_cannot_differ_in_is_refused_before_anything_is_written(tmp_path):
     """A hand-written population.members entry may set only member keys: the population trains every member with
     the first one's optimizer, so member 1's optim.lr would be a param it never trained with."""

@@ -137,7 +137,8 @@ def norm_settings(module: nn.Module) -> str:
     return ""
 
 
-def common_reason(nets: list[nn.Module], kind: type, signature, norm_kind, fusable_norms: tuple[str, ...]) -> str | None:
+def common_reason(nets: list[nn.Module], kind: type, signature, norm_kind,
+                  fusable_norms: tuple[str, ...]) -> str | None:
     """What stops `nets` (all of class `kind`) from being fused, checked alike for every model: no members, another
     class, a difference between members (`signature(net)` -> dict), or a normalization that is not fused."""
     if not nets:

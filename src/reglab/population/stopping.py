@@ -112,7 +112,17 @@ class MemberStopping(EarlyStopping):
             return
         rows = member_rows(evaluate_training_set(module.net, trainer.datamodule))
         for m in members:
-            trainer.loggers[m].log_metrics(rows[m], step=self.stopped[m]["epoch"])
+            # log_after_fit, not log_metrics: after a resume from a last.ckpt older than the store's history, the
+            # stop epoch is not new to the logger, but these points may not be in the store yet.
+            trainer.loggers[m].log_after_fit(rows[m], step=self.stopped[m]["epoch"])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # A stop decided at validation end (check_val_every_n_epoch > 1) came before the module's epoch-end hook
+        # computed this epoch's train/* and params/*: what a resumed fit returns for the member is taken now.
+        for m, stop in self.stopped.items():
+            if stop["epoch"] == trainer.current_epoch:
+                stop["metrics"] = dict(pl_module.member_metrics[m])
+        super().on_train_epoch_end(trainer, pl_module)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # Resumed: the members that had stopped are frozen at the weights last.ckpt holds (restored before this hook).

@@ -53,6 +53,9 @@ REFUSED = {
 
 
 MODES = ("off", "auto", "on")
+TRAIN_RUN = "reglab.train.run"
+# The callbacks a population runs per member (population/stopping.py; the progress bar as is).
+POPULATION_CALLBACKS = ("checkpoint", "early_stopping", "progress")
 # DropConnect as StackedLinear computes it exactly (reglab/population/base.py): (mask, inference); others run solo.
 FUSED_DROPCONNECT = ("per_batch", "mean")
 DROPCONNECT_WHY = "a population draws one DropConnect mask per member and step and evaluates the mean network"
@@ -72,7 +75,16 @@ def mode(cfg: DictConfig) -> str:
 def why_not(cfg: DictConfig) -> str | None:
     """What in a member's config (not its model, which reglab.population.fusable checks) keeps it from sharing a
     step with others, or None."""
+    runner = str(OmegaConf.select(cfg, "runner._target_", default=TRAIN_RUN))
+    if runner != TRAIN_RUN:  # cli.runner sends any config with population.members to the population's training
+        return f"runner._target_={runner} is a study of its own, not a classifier's fit"
     callbacks = cfg.get("callbacks") or {}
+    other = sorted(k for k, v in callbacks.items() if v is not None and k not in POPULATION_CALLBACKS)
+    if other:  # the population's trainer has only its own (train_population): another would be dropped silently
+        return f"callbacks.{other[0]} is a solo fit's callback (a population runs {', '.join(POPULATION_CALLBACKS)})"
+    top_k = (callbacks.get("checkpoint") or {}).get("save_top_k", 1)
+    if top_k not in (0, 1):
+        return f"callbacks.checkpoint.save_top_k={top_k}: a population keeps one best checkpoint per member"
     if callbacks.get("early_stopping") is not None:  # per member: reglab/population/stopping.py
         after = (cfg.get("stopping") or {}).get("after_stop") or "none"
         if after != "none":

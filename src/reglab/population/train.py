@@ -136,7 +136,7 @@ def train_population(cfgs: list[DictConfig], found: list[Run] | None = None) -> 
             raise ConfigError(f"population.mode=on: these members cannot share a training step ({reason}); use "
                               "population.mode=auto to train them one by one")
         print(f"population: {reason}; training the {len(cfgs)} members one by one", file=sys.stderr)
-        return [train.run(c) for c in cfgs]  # each member's own look-up, run and checkpoint resume
+        return [_solo(c) for c in cfgs]  # each member's own look-up, run and checkpoint resume
 
     folder, runs, resume = _resume_or_restart(cfgs, found or [look_up(c) for c in cfgs])
     data = PopulationDataModule(dms)
@@ -199,7 +199,7 @@ def train_population(cfgs: list[DictConfig], found: list[Run] | None = None) -> 
         trainer.test(module, datamodule=data, verbose=False, weights_only=True)
     after = [stopping.metrics(m, theta_star.best[m] if theta_star else None) if stopping else {}
              for m in range(len(cfgs))]
-    out = []
+    out, ended = [], []
     for m, (c, r, net) in enumerate(zip(cfgs, runs, module.net.member_nets())):
         if loggers and "train/loss" not in module.member_metrics[m]:  # resumed after its last epoch (as train.run)
             module.member_metrics[m] = {**loggers[m].last_epoch(), **module.member_metrics[m]}
@@ -212,14 +212,27 @@ def train_population(cfgs: list[DictConfig], found: list[Run] | None = None) -> 
             continue
         if m in module.failed:
             loggers[m].fail(f"divergence: {module.failed[m]}")
-            loggers[m].end("failed")
+            ended.append((loggers[m], "failed"))
             continue
         if after[m]:
             loggers[m].log_after_end(after[m])
         if files is not None:
             loggers[m].member_checkpoints(files)
-        loggers[m].end()  # FINISHED now that its files are written; a kill before leaves it to be continued
+        ended.append((loggers[m], "success"))
+    # Ended once every member's files are written: a member ended (done) before a kill would make the rerun a
+    # population of the others, whose folder (named by its members) is not this one's: they would train again.
+    for lg, status in ended:
+        lg.end(status)  # FINISHED (or FAILED); a kill before leaves it to be continued
     return out
+
+
+def _solo(cfg: DictConfig) -> dict[str, float]:
+    """One member trained as its own run; a divergence ends that run FAILED (train.run tags it) and, as in a fused
+    population, the members after it still train: `run` reports it from the NaN returned here."""
+    try:
+        return cli.runner(cfg)(cfg)  # the config's runner (a member's population.members is empty)
+    except DivergenceError:
+        return {"train/loss": math.nan}
 
 
 def _resume_or_restart(cfgs: list[DictConfig], found: list[Run]) -> tuple[Path, list[Run], bool]:
