@@ -243,6 +243,17 @@ def test_why_not_refuses_what_couples_the_members_steps_and_keeps_bf16():
     assert why_not(compose([*cfg, "trainer.precision=bf16-mixed"])) is None
 
 
+def test_why_not_counts_the_gpus_auto_means(monkeypatch):
+    """trainer.devices=auto on a machine with two GPUs starts two DDP ranks (launcher.uses_ddp, the one parse)."""
+    from reglab import launcher
+
+    cfg = compose(["callbacks.early_stopping=null", "trainer=gpu", "trainer.devices=auto"])
+    monkeypatch.setattr(launcher, "visible_gpus", lambda devices: [0])
+    assert why_not(cfg) is None
+    monkeypatch.setattr(launcher, "visible_gpus", lambda devices: [0, 1])
+    assert why_not(cfg) == "trainer.devices=auto starts DDP ranks; a population trains on one device"
+
+
 def test_strengths_and_optim_weight_decay_are_member_keys_where_the_regularizer_takes_them():
     keys = member_keys(compose(["regularization=[elastic_net,max_norm,dropout,label_smoothing]"]))
     assert {"optim.weight_decay", "regularization.elastic_net.l1_strength", "regularization.elastic_net.l2_strength",

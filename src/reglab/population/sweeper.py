@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from reglab.config import override_key
+from reglab.launcher import uses_ddp
 
 log = logging.getLogger(__name__)
 # Plain values that leave a step's shapes alone. optim.weight_decay: a population whose members differ in it gives
@@ -106,8 +107,9 @@ def why_not(cfg: DictConfig) -> str | None:
     t = cfg.trainer
     if t.get("gradient_clip_val") or (t.get("accumulate_grad_batches") or 1) != 1:
         return "gradient clipping / accumulation couple the members"
-    if str(t.get("strategy") or "").startswith("ddp") or t.get("devices", 1) not in (1, "1", "auto"):
-        return "a population trains on one device"
+    ddp = uses_ddp(cfg)  # devices=auto on a machine with several GPUs too
+    if ddp:
+        return f"{ddp} starts DDP ranks; a population trains on one device"
     if t.get("max_time"):
         return "trainer.max_time would end every member at the population's time, a solo run at its own"
     if str(t.get("precision")) in ("16", "16-mixed"):  # bf16 needs no loss scaling
