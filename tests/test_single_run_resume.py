@@ -2,13 +2,16 @@
 with every epoch once, or, when the kill fell between the checkpoint and the history write, marks the old run
 superseded and starts over. Either way nothing is duplicated and the rerun ends FINISHED."""
 
+import signal
+import time
+
 import mlflow
 import pytest
 import torch
 
 from conftest import with_store
 from reglab.runs.lookup import checkpoint_epoch
-from train_cli import TINY, kill_once_logged, train_cli
+from train_cli import TINY, kill_once_logged, launch, logged_epoch, train_cli
 
 EPOCHS = 12  # the kill comes after epoch 2 (polled every 20 ms; an epoch takes ~0.1 s)
 ARGS = [*TINY, "data.train_size=1000", "model.width=256", f"trainer.max_epochs={EPOCHS}",
@@ -106,3 +109,34 @@ def test_a_run_stopped_between_its_fit_and_its_test_is_continued_by_testing_only
     # store: the fit that only resumed computed none (Optuna took the trial for failed: no val/loss).
     last = {k: v for k, v in done.data.metrics.items() if k.startswith(("train/", "val/"))}
     assert last and all(metrics[k] == v for k, v in last.items()), (metrics, last)
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_keeps_a_single_run_resumable_and_the_same_command_continues_it(tmp_path, empty_store, presses):
+    """Ctrl-C once: the epoch ends, last.ckpt is written, one line, exit 130, the run KILLED with reglab.resumable.
+    Twice: it stops at once, resumable from its last checkpoint. Either way the same command continues the run (before,
+    Lightning's KeyboardInterrupt ended it FAILED, silently, and the rerun started over)."""
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    root = with_store(tmp_path, empty_store)
+    log = root / "interrupted.log"
+    proc = launch(*ARGS, f"paths.root={root}", cwd=root, out=log, err=log)
+    deadline = time.time() + 180
+    while (logged_epoch(root) < 2 or not any(root.glob("outputs/checkpoints/*/last.ckpt"))) and \
+            proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    for _ in range(presses):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    code = proc.wait(60)
+    out = log.read_text()
+    assert code == 130 and "Traceback" not in out, out[-3000:]
+    assert "Ctrl-C" in [line for line in out.splitlines() if line.startswith("preempted")][-1], out[-3000:]
+    client, (stopped,) = _runs(uri)
+    assert stopped.info.status == "KILLED" and stopped.data.tags.get("reglab.resumable") == "true", out[-3000:]
+    assert len(_steps(client, stopped)) < EPOCHS
+
+    rerun = train_cli(*ARGS, cwd=tmp_path, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    client, runs = _runs(uri)
+    assert [r.info.run_id for r in runs] == [stopped.info.run_id]  # the same run, continued
+    assert runs[0].info.status == "FINISHED" and _steps(client, runs[0]) == list(range(EPOCHS))

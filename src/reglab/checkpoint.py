@@ -139,10 +139,13 @@ class Checkpoint(ModelCheckpoint):
         total = trainer.num_training_batches
         done = (batch_idx + 1) / total if total and total != float("inf") else 1.0
         left = (time.monotonic() - self._epoch_started_at) * (1 / done - 1)
+        if preemption.at_once():
+            raise preemption.Preempted(f"stopped by a second Ctrl-C in epoch {trainer.current_epoch}; "
+                                       f"{self._resume_point()}")
         if preemption.seconds_since() + 2 * left > self.stop_within_s:
             raise preemption.Preempted(
-                f"stopped by SIGTERM in epoch {trainer.current_epoch} (it would not end within stop_within_s="
-                f"{self.stop_within_s:g} s); {self._resume_point()}")
+                f"stopped by {preemption.name()} in epoch {trainer.current_epoch} (it would not end within "
+                f"stop_within_s={self.stop_within_s:g} s); {self._resume_point()}")
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -163,7 +166,7 @@ class Checkpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, monitor_candidates)
         if not self.save_last:
             if preemption.requested():
-                raise preemption.Preempted(f"stopped by SIGTERM after epoch {trainer.current_epoch} "
+                raise preemption.Preempted(f"stopped by {preemption.name()} after epoch {trainer.current_epoch} "
                                            "(callbacks.checkpoint.save_last=false: no checkpoint to continue from)")
             return
         linked = self._last_global_step_saved == trainer.global_step and self._link_last(trainer, monitor_candidates)
@@ -172,7 +175,7 @@ class Checkpoint(ModelCheckpoint):
                            time.monotonic() - self._last_written_at >= self.last_every_s):
             self._save_last_checkpoint(trainer, monitor_candidates)
         if stopping:
-            raise preemption.Preempted(f"stopped by SIGTERM after epoch {trainer.current_epoch}; "
+            raise preemption.Preempted(f"stopped by {preemption.name()} after epoch {trainer.current_epoch}; "
                                        f"{self._resume_point()}")
 
     def _resume_point(self) -> str:

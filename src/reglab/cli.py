@@ -183,7 +183,7 @@ def run_job(task: Callable[[Any], Any], cfg: Any, conf_dir: Path) -> Any:
         job = _multirun_job()
         print(f"preempted: {job[0] + ': ' if job else ''}{e}", file=sys.stderr, flush=True)
         if job is None:
-            sys.exit(preemption.EXIT_PREEMPTED)
+            sys.exit(preemption.exit_status())
         preemption.exit_fast()
         return None
     except Exception as e:
@@ -226,9 +226,9 @@ class SweepFailures(Callback):
 def _preempted() -> NoReturn:
     from reglab import preemption
 
-    print("preempted (SIGTERM): every running job wrote its checkpoint and its MLflow run is KILLED with tag "
-          "reglab.resumable; rerun the same command to continue", file=sys.stderr, flush=True)
-    preemption.exit_now(preemption.EXIT_PREEMPTED)
+    print(f"preempted ({preemption.name()}): every running job wrote its checkpoint and its MLflow run is KILLED with "
+          "tag reglab.resumable; rerun the same command to continue", file=sys.stderr, flush=True)
+    preemption.exit_now(preemption.exit_status())
 
 
 def main(hydra_main: Callable[[], Any], conf_dir: Path) -> None:

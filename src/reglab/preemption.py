@@ -1,5 +1,7 @@
 """Preemption: SIGTERM, then SIGKILL after a grace period (SLURM's KillWait, 30 s by default; spot instances), as
-schedulers stop jobs. Every process of a run or sweep keeps what it trained and leaves within the grace period:
+schedulers stop jobs; and Ctrl-C (SIGINT), handled alike, so a user's interrupted run continues too (a second Ctrl-C
+stops training at the next batch, the run resumable from its last checkpoint; a third is Python's KeyboardInterrupt).
+Every process of a run or sweep keeps what it trained and leaves within the grace period:
 
 - `install()` (every training process and the launching one, from reglab.cli) makes SIGTERM set a flag instead of
   ending the process; in a sweep's launching process it also forwards the signal to the worker processes, which
@@ -11,8 +13,9 @@ schedulers stop jobs. Every process of a run or sweep keeps what it trained and 
   `last.ckpt` of at most `last_every_s` earlier.
 - Outside a fit the job stops at the next point where stopping loses nothing (before its lookup, its fit, its test
   pass); a job that had not started when the signal came does not start. The run is marked KILLED with tag
-  `reglab.resumable` (reglab/runs/lookup.py continues it). The command exits with status 143 (128 + SIGTERM) after one line;
-  the same command (or a SLURM requeue of it) continues every unfinished run, each epoch logged once.
+  `reglab.resumable` (reglab/runs/lookup.py continues it). The command exits with status 128 + the signal (143 for
+  SIGTERM, 130 for Ctrl-C) after one line; the same command (or a SLURM requeue of it) continues every unfinished run,
+  each epoch logged once.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import signal
 import time
 
 
-EXIT_PREEMPTED = 128 + signal.SIGTERM
-_requested_at: float | None = None  # time.monotonic() of the first SIGTERM in this process
+EXIT_PREEMPTED = 128 + signal.SIGTERM  # the exit status after SIGTERM; exit_status() for this process's
+_requested_at: float | None = None  # time.monotonic() of the first SIGTERM or SIGINT in this process
+_signal: int = signal.SIGTERM  # the one that came first
+_interrupts = 0  # Ctrl-Cs so far
 _launcher_pid: int | None = None  # the process that forwards SIGTERM to its workers
 
 
@@ -36,6 +41,20 @@ class Preempted(BaseException):
 
 def requested() -> bool:
     return _requested_at is not None
+
+
+def name() -> str:
+    """What asked this process to stop, for messages."""
+    return "Ctrl-C" if _signal == signal.SIGINT else "SIGTERM"
+
+
+def exit_status() -> int:
+    return 128 + _signal
+
+
+def at_once() -> bool:
+    """A second Ctrl-C: training stops at the next batch (reglab.checkpoint), not at the epoch's end."""
+    return _interrupts >= 2
 
 
 def seconds_since() -> float:
@@ -96,41 +115,53 @@ def exit_now(status: int) -> None:
 def handler(signum, frame) -> None:
     # Only a flag: raising here would cut through whatever runs (an SQLite transaction of the MLflow store left
     # open made the next write fail with "database is locked", seen). Training, lookups and the test pass check it
-    # at points where stopping loses nothing.
-    global _requested_at
+    # at points where stopping loses nothing; a second Ctrl-C only brings the stop forward to the next batch (raised
+    # from here, mid-write, it left epochs in the store past the history's tag: logged twice on resume, seen). A
+    # third is the user's "now": Python's KeyboardInterrupt, the run left as a kill -9 leaves it.
+    global _requested_at, _signal, _interrupts
+    if signum == signal.SIGINT:
+        _interrupts += 1
+        if _interrupts > 2:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
     if _requested_at is None:
-        _requested_at = time.monotonic()
+        _requested_at, _signal = time.monotonic(), signum
         if os.getpid() == _launcher_pid:
+            if signum == signal.SIGINT:  # os.write: a print here could re-enter a print the signal interrupted
+                os.write(2, b"\nCtrl-C: every run finishes its epoch (or stops within callbacks.checkpoint."
+                            b"stop_within_s), writes last.ckpt and stays resumable; Ctrl-C again stops at the next "
+                            b"batch\n")
             _signal_workers(signal.SIGTERM)
 
 
 def install(launcher: bool = False) -> None:
-    """SIGTERM sets the flag in this process (idempotent; only from the main thread, as Python requires). In the
-    launching process of a sweep it is also forwarded to the job processes."""
+    """SIGTERM and SIGINT set the flag in this process (idempotent; only from the main thread, as Python requires).
+    In the launching process of a sweep it is also forwarded to the job processes."""
     global _launcher_pid
     if launcher:
         _launcher_pid = os.getpid()
     try:
         signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
     except ValueError:  # not the main thread: the caller's own handling stays
         pass
 
 
 def reset() -> None:
-    """Forget a SIGTERM: for a process that goes on after a preempted run (tests that train in-process)."""
-    global _requested_at
-    _requested_at = None
+    """Forget a SIGTERM or Ctrl-C: for a process that goes on after a preempted run (tests that train in-process)."""
+    global _requested_at, _signal, _interrupts
+    _requested_at, _signal, _interrupts = None, signal.SIGTERM, 0
 
 
 def check(what: str) -> None:
-    """Raise Preempted before starting `what` after SIGTERM."""
+    """Raise Preempted before starting `what` after SIGTERM or Ctrl-C."""
     if requested():
-        raise Preempted(f"{what}: not started, the process was asked to stop (SIGTERM); rerun the same command to "
+        raise Preempted(f"{what}: not started, the process was asked to stop ({name()}); rerun the same command to "
                         "run it")
 
 
 def resumable(exc: BaseException) -> bool:
-    """A fault the same command continues from: SIGTERM, or a folder that filled up or went read-only mid-run
+    """A fault the same command continues from: SIGTERM or Ctrl-C, or a folder that filled up or went read-only mid-run
     (the checkpoint written before it stays valid: reglab.checkpoint.AtomicCheckpointIO)."""
     from reglab.cli import STORAGE_ERRNOS
 
@@ -139,7 +170,7 @@ def resumable(exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def keeping(loggers):
-    """A fit or test pass inside this block that SIGTERM or a full disk stops leaves its runs (reglab RunLoggers)
+    """A fit or test pass inside this block that SIGTERM, Ctrl-C or a full disk stops leaves its runs (reglab RunLoggers)
     KILLED with tag reglab.resumable, which the same command continues."""
     try:
         yield

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from reglab import preemption
+
 EVENTS = "progress.jsonl"
 OUTPUT = "output.log"  # on a terminal, a sweep job's own prints go here: the live view owns the screen
 POLL_S = 0.5
@@ -106,7 +108,7 @@ def job_started(cfg: Any) -> None:
 
 
 def job_ended(metrics: dict[str, float] | None, error: str | None = None, stopped: bool = False) -> None:
-    """`stopped`: preempted (SIGTERM, reglab/preemption.py), not failed: the rerun continues it."""
+    """`stopped`: preempted (SIGTERM or Ctrl-C, reglab/preemption.py), not failed: the rerun continues it."""
     emit(current_job(), "end", metrics=_finite(metrics), error=error, stopped=stopped)
 
 
@@ -304,7 +306,7 @@ class Sweep:
         if member.status == "failed":
             return f"{member.label}  failed: {member.error}  {self.count()}"
         if member.status == "stopped":
-            return f"{member.label}  stopped by SIGTERM (the rerun continues it)  {self.count()}"
+            return f"{member.label}  stopped by {preemption.name()} (the rerun continues it)  {self.count()}"
         m = member.metrics
         errs = [f"test/err={m['test/err']:.4f}"] if "test/err" in m else []
         errs += [f"{k}={m[k]:.4f}" for k in TRAIN_ERR if k in m][:1]
@@ -380,7 +382,7 @@ class Sweep:
         stopped = sum(m.status == "stopped" for m in self.members.values())
         parts = [f"sweep: {self.finished - stopped}/{self.total} members in {fmt_seconds(now - self.start)}"
                  + (f" ({skipped} done before)" if skipped else "") + (f", {failed} FAILED" if failed else "")
-                 + (f", {stopped} stopped by SIGTERM" if stopped else "")]
+                 + (f", {stopped} stopped by {preemption.name()}" if stopped else "")]
         return " | ".join(parts + [p for p in (headline, where) if p])
 
 
