@@ -162,6 +162,27 @@ def test_a_report_refuses_to_pool_runs_that_differ_in_a_swept_key_it_does_not_se
     assert MlflowClient(mlflow_uri).list_artifacts(parent, "modelwise.csv") == []
 
 
+def test_a_swept_config_group_is_not_pooled_either(tmp_path, mlflow_uri):
+    """regularization=[],dropout added to a double-descent sweep: a group is logged as the params under it (none
+    for []), so there was no `regularization` column to compare and the report averaged the two as seeds."""
+    from reglab.errors import ReglabError
+    from reglab.runs import store
+
+    cfg = study_config(mlflow_uri, "pooled_group", f"paths.root={tmp_path}")
+    client, exp, _ = store.experiment(cfg)
+    parent = runs_study.open_parent(cfg, {"model.width": "2", "seed": "0", "regularization": "[],dropout"})
+    for params in ({}, {"regularization.dropout.keep_prob": 0.5}):
+        run = client.create_run(exp, tags=runs_study.child_tags(parent, "pooled_group")).info.run_id
+        for key, value in {"model.width": 2, "seed": 0, **params}.items():
+            client.log_param(run, key, value)
+        for step in range(2):
+            client.log_metric(run, "train/err", 0.5, step=step)
+            client.log_metric(run, "test/err", 0.5, step=step)
+        client.set_terminated(run)
+    with pytest.raises(ReglabError, match=r"differ in regularization \(none, regularization.dropout.keep_prob=0.5\)"):
+        runs_study.write_report(cfg)
+
+
 def test_report_script_names_a_missing_study_in_one_line(tmp_root, mlflow_uri):
     out = train_cli("study=no_such_study", f"paths.root={tmp_root}", f"logger.tracking_uri={mlflow_uri}",
                     script=SCRIPT, cwd=tmp_root)

@@ -165,6 +165,24 @@ def test_report_of_a_single_seed_study_has_no_band_and_blank_standard_errors(mlf
     assert not (tmp_path / "weight_norm.png").exists()
 
 
+def test_a_report_while_a_child_can_still_finish_writes_no_curve_point_a_later_report_would_contradict(empty_store,
+                                                                                                       tmp_path):
+    """The parent's modelwise/* history keeps every point: a report with a child still RUNNING wrote width 8's mean of
+    the seeds so far, and the report after it a second point at width 8. And a threshold that a later report does not
+    find is NaN there, not the earlier report's width."""
+    uri = f"sqlite:///{with_store(tmp_path, empty_store)}/mlruns/mlflow.db"
+    client, parent = single_seed_study(uri, eval_mode=True)
+    (running,) = [r for r in client.search_runs([parent.info.experiment_id], "attributes.status = 'FINISHED'")
+                  if r.data.params["model.width"] == "32"]
+    dd.report(client, parent, tmp_path)
+    assert client.get_run(parent.info.run_id).data.metrics["summary/threshold_width"] == 32
+    client.update_run(running.info.run_id, "RUNNING")  # as a report.py mid-sweep sees a child still training
+    dd.report(client, parent, tmp_path / "again")
+    curve = client.get_metric_history(parent.info.run_id, "modelwise/test_err")
+    assert sorted(m.step for m in curve) == [2, 8, 32]  # the first report's points, none added beside them
+    assert math.isnan(client.get_run(parent.info.run_id).data.metrics["summary/threshold_width"])
+
+
 def test_threshold_is_read_from_the_eval_mode_train_error_when_the_children_have_it(mlflow_uri, tmp_path):
     client, parent = single_seed_study(mlflow_uri, eval_mode=True)
     dd.report(client, parent, tmp_path)

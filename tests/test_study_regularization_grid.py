@@ -160,3 +160,25 @@ def test_techniques_are_named_from_their_params_and_recipes_from_conf():
     assert technique(params, "none", known) == "efficientnet_style: weight_decay 0.01 + dropout keep 0.8 + batch norm"
     # A ResNet18 already has batch norm: the recipe adds no "batch norm" to the label but is still recognized.
     assert technique({**params}, "batch", known) == "efficientnet_style: weight_decay 0.01 + dropout keep 0.8"
+
+
+def test_a_technique_whose_runs_all_failed_is_named_in_the_grid_not_dropped_silently(empty_store, tmp_path):
+    from conftest import with_store
+
+    from reglab.runs.study import child_tags
+    from reglab.studies import regularization_grid as rg
+
+    client, parent = small_grid(f"sqlite:///{with_store(tmp_path, empty_store)}/mlruns/mlflow.db")
+    exp = parent.info.experiment_id
+    for seed in range(3):
+        run = client.create_run(exp, tags={**child_tags(parent.info.run_id, "small_grid"), "regularization": "l1",
+                                           "failure_reason": "divergence: train/loss is nan"}).info.run_id
+        client.log_param(run, "regularization.l1.strength", "10.0")
+        client.set_terminated(run, "FAILED")
+    client.set_tag(parent.info.run_id, "sweep.regularization", "[],dropout,l2,max_norm,l1")
+    out = tmp_path / "report"
+    out.mkdir()
+    rg.report(client, client.get_run(parent.info.run_id), out)
+    md = (out / "grid.md").read_text()
+    assert "Left out: 3 child run(s) that did not finish." in md
+    assert md.count("- regularization=l1: FAILED, divergence: train/loss is nan") == 3

@@ -113,17 +113,39 @@ def load(study: str | None = None, *, parent: str | None = None, experiment: str
 
 def not_pooled(df: pd.DataFrame, parent, separated: Iterable[str]) -> None:
     """Raise when the finished children `df` differ in a swept key (the parent's sweep.<key> tags) that the report
-    does not separate (`separated`): its means over seeds would pool configurations, e.g. `optim.lr=0.01,0.05` added
-    to a double-descent sweep. A swept config group (regularization, stopping) is the report's own axis."""
+    does not separate (`separated`): its means over seeds would pool configurations, e.g. `optim.lr=0.01,0.05` or
+    `regularization=[],dropout` added to a double-descent sweep. A swept config group is logged as the params under
+    it (regularization.dropout.keep_prob, none for []): its configurations are those params' values, row by row."""
     study = parent.data.tags.get("study")
     for key in sorted(k.removeprefix("sweep.") for k in parent.data.tags if k.startswith("sweep.")):
-        if key in separated or key not in df.columns:
+        if key in separated:
             continue
-        values = sorted({str(v) for v in df[key].dropna()})
+        cols = [c for c in df.columns if c == key or c.startswith(key + ".")]
+        rows = {tuple((c, str(v)) for c, v in zip(cols, row) if pd.notna(v))
+                for row in df[cols].itertuples(index=False)} if cols else set()
+        values = sorted(" ".join(f"{c}={v}" for c, v in row if c != key) or dict(row).get(key, "none")
+                        for row in rows)
         if len(values) > 1:
             raise ReglabError(f"study={study!r}: its finished runs differ in {key} ({', '.join(values)}), which its "
                               f"report does not separate: the means would pool them; run one sweep per {key} value "
                               "(each is a study parent of its own)")
+
+
+def left_out(client, parent, axes: Sequence[str] = ()) -> str:
+    """The parent's children that did not finish (diverged, crashed, killed, still running): they are in no table or
+    figure, and the report says which, with their swept values (the child's tags; `axes`, else the parent's sweep
+    keys) and the recorded reason."""
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                              f"and attributes.status != 'FINISHED'")
+    if not runs:
+        return ""
+    axes = axes or sorted(k.removeprefix("sweep.") for k in parent.data.tags if k.startswith("sweep."))
+    items = []
+    for r in runs:
+        values = " ".join(f"{k}={r.data.tags.get(k, r.data.params.get(k, '?'))}" for k in axes) or r.info.run_name
+        reason = r.data.tags.get("failure_reason", "no reason recorded (killed, or still running)")
+        items.append(f"- {values}: {r.info.status}, {reason}")
+    return f"Left out: {len(runs)} child run(s) that did not finish.\n\n" + "\n".join(items) + "\n\n"
 
 
 def _interval(se: pd.Series | float, n: pd.Series | int, confidence: float):

@@ -316,22 +316,6 @@ def _subtitle(cfg: dict, table: pd.DataFrame) -> str:
 MARKDOWN_EPOCHS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 4000)
 
 
-def left_out_note(client, parent) -> str:
-    """The parent's children that did not finish (diverged, crashed, killed, still running): they are in no table or
-    figure, and the report says which, with their swept values and the recorded reason."""
-    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
-                              f"and attributes.status != 'FINISHED'")
-    if not runs:
-        return ""
-    axes = sorted(k.removeprefix("sweep.") for k in parent.data.tags if k.startswith("sweep."))
-    items = []
-    for r in runs:
-        values = " ".join(f"{k}={r.data.params.get(k, '?')}" for k in axes) or r.info.run_name
-        reason = r.data.tags.get("failure_reason", "no reason recorded (killed, or still running)")
-        items.append(f"- {values}: {r.info.status}, {reason}")
-    return f"Left out: {len(runs)} child run(s) that did not finish.\n\n" + "\n".join(items) + "\n\n"
-
-
 HEADLINE_DESCENT = ("peak_width", "first_min_width", "peak_minus_first_min", "peak_minus_first_min_se")
 
 
@@ -340,19 +324,22 @@ def headline(client, parent, table: pd.DataFrame, descent: dict[str, float] | No
     modelwise/{test_err,train_err,test_loss} = the means over seeds with step = width (the parent's chart view draws
     the model-wise curve), and summary/{sweet_spot_width, peak_width (where there is a peak), threshold_width,
     first_min_width, peak_minus_first_min(_se)}
-    (`second_descent`). Points the parent already holds are not written again (a report rerun on the same runs adds
-    nothing)."""
+    (`second_descent`; NaN where there is none, so an earlier report's value is not what the parent shows). Points the
+    parent already holds are not written again (a report rerun on the same runs adds nothing). The modelwise/* curve
+    only once no child can still finish (each FINISHED, or FAILED with its failure_reason, which a rerun skips): a
+    metric's history keeps every point, and a report of a sweep still running would leave a second point at a width
+    whose mean then changes."""
     from mlflow.entities import Metric
 
     now = int(1000 * pd.Timestamp.now().timestamp())
-    points = [(f"modelwise/{col}", float(row[f"{col}_mean"]), int(row["width"]))
-              for col in ("test_err", "train_err", "test_loss") for _, row in table.iterrows()
-              if pd.notna(row[f"{col}_mean"])]
-    peak = peak_width(table)
-    summary = {"sweet_spot_width": float(sweet_spot(table))}
-    critical = interpolation_threshold(table)
-    if critical is not None:
-        summary["threshold_width"] = float(critical)
+    pending = [r for r in results.children(client, parent, status=None) if r.info.status != "FINISHED"
+               and "failure_reason" not in r.data.tags]
+    points = [] if pending else [(f"modelwise/{col}", float(row[f"{col}_mean"]), int(row["width"]))
+                                 for col in ("test_err", "train_err", "test_loss") for _, row in table.iterrows()
+                                 if pd.notna(row[f"{col}_mean"])]
+    peak, critical = peak_width(table), interpolation_threshold(table)
+    summary = {"sweet_spot_width": float(sweet_spot(table)),
+               "threshold_width": math.nan if critical is None else float(critical)}
     points += [(f"summary/{k}", float(v), 0) for k, v in summary.items()]
     # No peak: NaN, so that the latest value of a key an earlier report wrote (a peak of other runs, or the falling
     # curve's "peak" of the code before) is not what the parent shows (progress.headline leaves NaN out).
@@ -392,7 +379,7 @@ def report(client, parent, out: Path) -> None:
         note += (f" Peak minus first minimum (width {descent['peak_width']:.0f} minus width "
                  f"{descent['first_min_width']:.0f}, final test error, paired by seed): "
                  f"{results.diff_text({**row, 'n': descent['n'], 'distinct': descent['distinct']})}.")
-    note += "\n\n" + left_out_note(client, parent)
+    note += "\n\n" + results.left_out(client, parent)
     shown = ["width", "n", "params", "epochs", *(f"{m}_{stat}" for m in (*METRICS, *EXTRA)
                                                   if f"{m}_mean" in table for stat in ("mean", "se"))]
     (out / "modelwise.md").write_text(f"# {study}: model-wise\n\n{note}" + markdown_table(table[shown]))

@@ -146,16 +146,9 @@ def figure(table: pd.DataFrame, rises: pd.DataFrame, x: str, line: str, title: s
     return fig
 
 
-def _left_out(left: pd.DataFrame, x: str, line: str) -> str:
-    if left.empty:
-        return ""
-    items = [f"- {line}={r.get(line)} {x}={r.get(x)} seed={r.get('seed')}: {r['status']}" for _, r in left.iterrows()]
-    return f"\n\nLeft out: {len(left)} child run(s) that did not finish.\n\n" + "\n".join(items)
-
-
 def report_curves(client, parent, out: Path, x: str, line: str, tune: bool = False) -> dict[str, pd.DataFrame]:
     """The report of a study whose children sweep `x` and `line` (and seeds); returns its tables."""
-    runs, left = finished(client, parent, x, line)
+    runs, _ = finished(client, parent, x, line)
     if tune:  # one column of labels for the values and "tuned" (%g strings sort as the numbers do here: 0, 0.001, ...)
         runs = pd.concat([runs, tuned(runs, x, line)], ignore_index=True)
         runs[line] = [v if v == TUNED else f"{float(v):g}" for v in runs[line]]
@@ -175,7 +168,7 @@ def report_curves(client, parent, out: Path, x: str, line: str, tune: bool = Fal
             f"test_err(x_lo); `distinct`: the 95% interval excludes 0. A negative rise: the curve only falls.\n\n"
             + markdown_table(rises) + "\n## Curves\n\n" + markdown_table(table[[
                 c for c in table.columns if not c.endswith(("_std", "_ci_low", "_ci_high"))]])
-            + _left_out(left, x, line))
+            + "\n\n" + results.left_out(client, parent, (line, x, "seed")))
     (out / "summary.md").write_text(note + "\n")
     title = f"{study}: final test and train error vs {x}, one curve per {line} ({n} seeds, mean ± 1 SE)"
     write_figure(figure(table, rises, x, line, title), out / "curves")

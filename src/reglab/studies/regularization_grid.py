@@ -288,8 +288,9 @@ def _figure_learning_curve(table: pd.DataFrame, subtitle: str, out: Path) -> Non
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("training-set size (examples, log scale)")
     ax.set_ylabel("error (%)")
-    ax.set_title(f"More data: test error vs training-set size (mean, band ± 1 SE over n = {int(table['n'].max())} "
-                 f"seeds)\n{subtitle}", fontsize=10)
+    n = results.n_range(table["n"])
+    ax.set_title(f"More data: test error vs training-set size (mean, band ± 1 SE over n = {n} seeds)\n{subtitle}",
+                 fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -333,7 +334,7 @@ def report(client, parent, out: Path) -> None:
         "error − train error (train error: last epoch, training mode, noisy labels); train_eval_err (where "
         "logged): eval mode, dropout off, the full noisy training set after the last epoch; zero_frac: fraction "
         "of exactly-zero weights at the end. grid.csv has every column (std, intervals of each metric).\n\n"
-        + markdown_table(table[[c for c in MARKDOWN_COLUMNS if c in table]]))
+        + results.left_out(client, parent) + markdown_table(table[[c for c in MARKDOWN_COLUMNS if c in table]]))
     paired.to_csv(out / "paired.csv", index=False)
     (out / "paired.md").write_text(
         f"# {study}: test error minus {BASELINE}'s, paired by seed\n\n{subtitle}\n\n"
