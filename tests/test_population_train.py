@@ -36,6 +36,26 @@ def test_each_resnet_member_with_batch_norm_ends_where_its_solo_run_ends(tmp_pat
     assert any("running_mean" in k for k in pop_w[0])
 
 
+@pytest.mark.parametrize("base, members", [
+    # Inverted dropout on the input and hidden units, two widths (their draws interleave across width groups).
+    ([*MLP_BASE, "trainer.max_epochs=3", "regularization=[dropout]", "regularization.dropout.input_keep_prob=0.8"],
+     [["model.width=8", "seed=0"], ["model.width=8", "seed=1"], ["model.width=24", "seed=0"]]),
+    # DropConnect's (out, in) masks and dropout together (awd_lstm_style); classic dropout.
+    ([*MLP_BASE, "trainer.max_epochs=3", "regularization=[awd_lstm_style]"], [["model.width=8", "seed=0"],
+                                                                              ["model.width=16", "seed=1"]]),
+    ([*MLP_BASE, "trainer.max_epochs=3", "regularization=[dropout_classic]"], [["model.width=8", "seed=0"],
+                                                                               ["model.width=8", "seed=3"]]),
+    # Spatial dropout on a conv population's grouped channels, dropout on its pooled features.
+    ([*RESNET_BASE, "regularization=[spatial_dropout,dropout]"], [["seed=0"], ["seed=1"]]),
+], ids=["mlp-dropout", "awd-lstm-style", "classic-dropout", "resnet-spatial-dropout"])
+def test_a_member_with_dropout_draws_its_solo_runs_masks_and_ends_where_it_ends(tmp_path, base, members):
+    """Each member draws from its own stream of torch's generator, seeded as its solo run seeds it each epoch
+    (population.base.MemberStreams): its masks, hence its numbers, do not depend on which members share its
+    population (until 2026-12-04 the population drew from its first member's seed)."""
+    solo, pop, solo_w, pop_w = solo_and_population(tmp_path, base, members)
+    assert_members_match(solo, pop, solo_w, pop_w)
+
+
 def test_a_diverging_member_fails_alone_and_the_others_train_on(tmp_path):
     """A member whose weights are broken (inf) gets a non-finite loss: it is marked failed with the reason, its
     loss stops counting, and the other member still ends exactly where it ends alone."""

@@ -311,6 +311,9 @@ class Classifier(L.LightningModule):
             # generator, which Lightning's checkpoints do not hold: a resumed run replayed the masks of the run's
             # first epochs, and every DDP rank (seeded alike) drew the same masks. Per epoch and rank, both hold.
             torch.manual_seed(epoch_seed(self.seed, self.current_epoch, self.global_rank))
+        streams = getattr(self.net, "streams", None)  # a population: each member's draws as its solo run's
+        if streams is not None:
+            streams.start(self.current_epoch, self.global_rank)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

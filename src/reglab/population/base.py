@@ -7,15 +7,22 @@ Layout (the contract the training step relies on): every parameter and buffer of
 
 Why it is exact: members share no parameter and the loss is a sum of per-member losses, so
 d(sum_k L_k)/d(theta_m) = dL_m/d(theta_m) and elementwise optimizers (SGD, Adam, AdamW) update each member as if
-it trained alone. Only float summation order inside the batched kernels differs (~1e-6 relative).
+it trained alone. Only float summation order inside the batched kernels differs (~1e-6 relative). The dropout
+family's noise too: member m draws each mask on its own rows, with the call and shape its solo run makes, from its own
+stream of torch's generator seeded as the solo run seeds it each epoch (MemberStreams), so its masks are its solo
+run's, whichever members share its population.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reglab.data.loader import epoch_seed
 from reglab.population.sweeper import DROPCONNECT_WHY, FUSED_DROPCONNECT
 from reglab.regularization.dropout import ClassicDropout, DropConnectLinear, GaussianDropout, InvertedDropout
 
@@ -29,14 +36,78 @@ def stack_members(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.detach() for t in tensors])
 
 
+class MemberStreams:
+    """Each member's own stream of torch's generator: a solo run reseeds the global generator at each training
+    epoch's start with epoch_seed(seed, epoch, rank) (Classifier.on_train_epoch_start) and its only draws from it are
+    its dropout-family masks, in forward order; `member(m)` swaps member m's state in for one draw, so the population
+    replays every member's solo sequence. Until `start` (a population trained without its members' seeds, in tests),
+    draws come from the global generator, member after member."""
+
+    def __init__(self, members: int):
+        self.seeds: list[int] | None = None  # the members' run seeds
+        self._states: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * members
+        self._epoch: tuple[int, int] = (0, 0)
+
+    def start(self, epoch: int, rank: int) -> None:
+        self._epoch, self._states = (epoch, rank), [None] * len(self._states)
+
+    @contextlib.contextmanager
+    def member(self, m: int, device: torch.device) -> Iterator[None]:
+        if self.seeds is None:
+            yield
+            return
+        cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+            state = self._states[m]
+            if state is None:  # what torch.manual_seed(seed) at the epoch's start gives the solo run, on this device
+                seed = epoch_seed(self.seeds[m], *self._epoch)
+                torch.default_generator.manual_seed(seed)
+                if cuda:
+                    with torch.cuda.device(device):
+                        torch.cuda.manual_seed(seed)
+            else:
+                torch.set_rng_state(state[0])
+                if cuda:
+                    torch.cuda.set_rng_state(state[1], device)
+            yield
+            self._states[m] = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
+
+
+class MemberDraws(nn.Module):
+    """A dropout-family module of the solo nets applied member by member in training, each under its own stream:
+    x (G, B, ...) stacked, or (B, G*C, ...) grouped (`grouped`: a conv population's channels). In evaluation (no
+    draws) it acts on the whole stacked tensor at once. No state of its own: state_dict keys stay the solo net's."""
+
+    def __init__(self, module: nn.Module, streams: MemberStreams, members: list[int], grouped: bool = False):
+        super().__init__()
+        self.module, self.members, self.grouped = module, list(members), grouped
+        self._streams = streams  # shared with the population (not a submodule)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or isinstance(self.module, nn.Identity):
+            return self.module(x)
+        rows = x.unflatten(1, (len(self.members), -1)) if self.grouped else x
+        outs = []
+        for i, m in enumerate(self.members):
+            with self._streams.member(m, x.device):
+                outs.append(self.module((rows[:, i] if self.grouped else rows[i]).contiguous()))
+        if not self.grouped:
+            return torch.stack(outs)
+        out = torch.stack(outs, 1).flatten(1, 2)
+        return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
+            memory_format=torch.channels_last) and not x.is_contiguous() else out
+
+
 class StackedLinear(nn.Module):
     """G Linear (or DropConnectLinear) layers: (G, B, in) -> (G, B, out). weight (G, out, in), bias (G, out)."""
 
-    def __init__(self, linears: list[nn.Linear]):
+    def __init__(self, linears: list[nn.Linear], streams: MemberStreams | None = None, members: list[int] = ()):
         super().__init__()
         self.weight = nn.Parameter(stack_members([lin.weight for lin in linears]))
         self.bias = nn.Parameter(stack_members([lin.bias for lin in linears])) if linears[0].bias is not None else None
         self.keep_prob = getattr(linears[0], "keep_prob", None)  # DropConnect (Wan et al. 2013), else None
+        # DropConnect's masks: row i is member members[i], drawn from its stream (MemberStreams)
+        self._streams, self.members = streams, list(members) or list(range(len(linears)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
@@ -46,7 +117,7 @@ class StackedLinear(nn.Module):
             if not self.training:
                 w = w * self.keep_prob
             elif self.keep_prob < 1.0:
-                w = w * torch.empty_like(w).bernoulli_(self.keep_prob)
+                w = w * self._masks(w)
         if x.dim() == 2:
             # One (B, in) batch read by all members: a single (B, in) @ (in, G*out) product, x is not copied.
             G, out, fan_in = w.shape
@@ -63,6 +134,14 @@ class StackedLinear(nn.Module):
         xt = x.transpose(1, 2)
         yt = torch.bmm(w, xt) if b is None else torch.baddbmm(b.unsqueeze(2), w, xt)
         return yt.transpose(1, 2)
+
+    def _masks(self, w: torch.Tensor) -> torch.Tensor:
+        # Each member's (out, in) mask by DropConnectLinear's own call, under its stream: its solo run's mask.
+        masks = []
+        for i, m in enumerate(self.members):
+            with (self._streams.member(m, w.device) if self._streams else contextlib.nullcontext()):
+                masks.append(torch.bernoulli(torch.full_like(w[i], self.keep_prob)))
+        return torch.stack(masks)
 
     def extra_repr(self) -> str:
         G, out, fan_in = self.weight.shape
@@ -186,6 +265,7 @@ class Population(nn.Module):
         # The solo modules, not registered (their tensors are not this module's state): member_nets() copies the
         # current weights back into them.
         self._nets = list(nets)
+        self.streams = MemberStreams(len(nets))  # the members' dropout-family draws (MemberDraws, StackedLinear)
         self._member_index: dict[tuple[int, torch.device], torch.Tensor] = {}  # member_index's, per tensor and device
 
     def _locate(self, m: int) -> tuple[nn.Module, int]:

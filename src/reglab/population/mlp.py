@@ -20,8 +20,8 @@ from torch import nn
 
 from reglab.models.mlp import MLP, HiddenLayer
 from reglab.population.base import (
-    ELEMENTWISE, LINEARS, Population, StackedBatchNorm, StackedLinear, common_reason, describe, norm_settings,
-    slot_reason, stack_members,
+    ELEMENTWISE, LINEARS, MemberDraws, MemberStreams, Population, StackedBatchNorm, StackedLinear, common_reason,
+    describe, norm_settings, slot_reason, stack_members,
 )
 
 FUSABLE_NORMS = ("none", "batch", "layer")
@@ -108,24 +108,25 @@ class StackedHiddenLayer(HiddenLayer):
     """G HiddenLayers of one width, (G, B, in) -> (G, B, width): HiddenLayer.forward runs unchanged on the
     stacked linear and norm."""
 
-    def __init__(self, layers: list[HiddenLayer]):
+    def __init__(self, layers: list[HiddenLayer], streams: MemberStreams, members: list[int]):
         nn.Module.__init__(self)  # not HiddenLayer.__init__: it would build solo layers only to replace them
         first = layers[0]
-        self.linear = StackedLinear([layer.linear for layer in layers])
+        self.linear = StackedLinear([layer.linear for layer in layers], streams, members)
         self.norm = _stack_norm([layer.norm for layer in layers])
         self.act = copy.deepcopy(first.act)
         self.norm_first = first.norm_first
-        self.dropout = copy.deepcopy(first.dropout)
+        self.dropout = MemberDraws(copy.deepcopy(first.dropout), streams, members)
 
 
 class WidthGroup(nn.Module):
     """The members of one width; attribute names are MLP's, so state_dict keys are the solo net's."""
 
-    def __init__(self, nets: list[MLP]):
+    def __init__(self, nets: list[MLP], streams: MemberStreams, members: list[int]):
         super().__init__()
         self.width = nets[0].width
-        self.hidden = nn.ModuleList(StackedHiddenLayer([n.hidden[i] for n in nets]) for i in range(nets[0].depth))
-        self.head = StackedLinear([n.head for n in nets])
+        self.hidden = nn.ModuleList(StackedHiddenLayer([n.hidden[i] for n in nets], streams, members)
+                                    for i in range(nets[0].depth))
+        self.head = StackedLinear([n.head for n in nets], streams, members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.hidden:
@@ -148,11 +149,11 @@ class PopulationMLP(Population):
         if math.prod(self.input_shape) != in_features:
             raise ValueError(f"input_shape={self.input_shape} has {math.prod(self.input_shape)} features, "
                              f"the MLPs take {in_features}")
-        self.input_dropout = copy.deepcopy(first.input_dropout)
+        self.input_dropout = MemberDraws(copy.deepcopy(first.input_dropout), self.streams, list(range(len(nets))))
         by_width: dict[int, list[int]] = {}  # width -> member indices, groups in order of first appearance
         for m, net in enumerate(nets):
             by_width.setdefault(net.width if net.depth else 0, []).append(m)
-        self.groups = nn.ModuleList(WidthGroup([nets[m] for m in idx]) for idx in by_width.values())
+        self.groups = nn.ModuleList(WidthGroup([nets[m] for m in idx], self.streams, idx) for idx in by_width.values())
         self._where = {m: (g, i) for g, idx in enumerate(by_width.values()) for i, m in enumerate(idx)}
         self._group_members = list(by_width.values())
         self._index_cache: dict[torch.device, tuple[list, torch.Tensor | None]] = {}
@@ -179,7 +180,7 @@ class PopulationMLP(Population):
             raise ValueError(f"PopulationMLP takes ({self.members}, B, *{self.input_shape}) member batches or one "
                              f"(B, *{self.input_shape}) batch, got shape {tuple(x.shape)} (for unflattened inputs, "
                              "give PopulationMLP or fuse the data's input_shape)")
-        if shared and self.training and not isinstance(self.input_dropout, nn.Identity):
+        if shared and self.training and not isinstance(self.input_dropout.module, nn.Identity):
             x, shared = x.expand(self.members, *x.shape), False  # each member draws its own input mask
         x = self.input_dropout(x.flatten(x.dim() - rank))
         if len(self.groups) == 1:

@@ -18,8 +18,8 @@ from torch import nn
 
 from reglab.models.resnet import PreActBlock, ResNet18
 from reglab.population.base import (
-    ELEMENTWISE, LINEARS, Population, StackedBatchNorm, StackedLinear, common_reason, describe, norm_settings,
-    slot_reason, stack_members,
+    ELEMENTWISE, LINEARS, MemberDraws, Population, StackedBatchNorm, StackedLinear, common_reason,
+    describe, norm_settings, slot_reason, stack_members,
 )
 from reglab.regularization.dropout import SpatialDropout
 from reglab.regularization.normalization import group_count
@@ -143,12 +143,15 @@ class PopulationResNet18(Population):
             nn.Sequential(*(StackedPreActBlock([n.stages[s][b] for n in nets]) for b in range(len(stage))))
             for s, stage in enumerate(first.stages)
         )
-        self.stage_dropout = copy.deepcopy(first.stage_dropout)
+        members = list(range(len(nets)))
+        # (B, M*C, H, W) feature maps: member m's channels m*C..(m+1)*C, each drawn from its own stream
+        self.stage_dropout = nn.ModuleList(MemberDraws(copy.deepcopy(d), self.streams, members, grouped=True)
+                                           for d in first.stage_dropout)
         self.final_norm = _stack_norm([n.final_norm for n in nets])
         self.act = copy.deepcopy(first.act)
         self.pool = copy.deepcopy(first.pool)
-        self.head_dropout = copy.deepcopy(first.head_dropout)
-        self.head = StackedLinear([n.head for n in nets])
+        self.head_dropout = MemberDraws(copy.deepcopy(first.head_dropout), self.streams, members, grouped=True)
+        self.head = StackedLinear([n.head for n in nets], self.streams, members)
 
     def _locate(self, m: int) -> tuple[nn.Module, int]:
         return self, m

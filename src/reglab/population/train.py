@@ -144,7 +144,9 @@ def train_population(cfgs: list[DictConfig], found: list[Run] | None = None) -> 
     optim = OmegaConf.to_container(lead.optim, resolve=True)
     if "optim.weight_decay" in regularizers:
         optim["weight_decay"] = 0.0
-    module = Classifier(fuse(nets, dms[0].input_shape), optim=optim, regularizers=regularizers, seed=lead.seed)
+    population = fuse(nets, dms[0].input_shape)
+    population.streams.seeds = [c.seed for c in cfgs]  # each member's dropout-family draws: its solo run's
+    module = Classifier(population, optim=optim, regularizers=regularizers, seed=lead.seed)
     last = folder / "last.ckpt"
     if resume:
         module.check_checkpoint(str(last))
