@@ -162,7 +162,9 @@ def test_techniques_are_named_from_their_params_and_recipes_from_conf():
     assert technique({**params}, "batch", known) == "efficientnet_style: weight_decay 0.01 + dropout keep 0.8"
 
 
-def test_a_technique_whose_runs_all_failed_is_named_in_the_grid_not_dropped_silently(empty_store, tmp_path):
+def test_the_grid_names_the_runs_it_left_out_and_the_commits_it_pools(empty_store, tmp_path):
+    """A technique whose runs all failed vanished from grid.md and grid.png without a word; runs of two commits (a
+    study rerun after a change of the code trains only what is new) were pooled without one."""
     from conftest import with_store
 
     from reglab.runs.study import child_tags
@@ -176,9 +178,12 @@ def test_a_technique_whose_runs_all_failed_is_named_in_the_grid_not_dropped_sile
         client.log_param(run, "regularization.l1.strength", "10.0")
         client.set_terminated(run, "FAILED")
     client.set_tag(parent.info.run_id, "sweep.regularization", "[],dropout,l2,max_norm,l1")
+    for r in client.search_runs([exp], "attributes.status = 'FINISHED'"):
+        client.set_tag(r.info.run_id, "git_commit", "0123456789abcdef" if r.data.params["seed"] == "2" else "fedcba")
     out = tmp_path / "report"
     out.mkdir()
     rg.report(client, client.get_run(parent.info.run_id), out)
     md = (out / "grid.md").read_text()
     assert "Left out: 3 child run(s) that did not finish." in md
     assert md.count("- regularization=l1: FAILED, divergence: train/loss is nan") == 3
+    assert "Code: the finished runs come from 2 commits (fedcba: 8, 0123456789ab: 4 runs)" in md

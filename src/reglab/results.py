@@ -131,21 +131,34 @@ def not_pooled(df: pd.DataFrame, parent, separated: Iterable[str]) -> None:
                               "(each is a study parent of its own)")
 
 
-def left_out(client, parent, axes: Sequence[str] = ()) -> str:
-    """The parent's children that did not finish (diverged, crashed, killed, still running): they are in no table or
-    figure, and the report says which, with their swept values (the child's tags; `axes`, else the parent's sweep
-    keys) and the recorded reason."""
-    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
-                              f"and attributes.status != 'FINISHED'")
+def caveats(client, parent, axes: Sequence[str] = ()) -> str:
+    """What a report's reader must know about the runs behind its numbers, as markdown paragraphs (or ""): the
+    children that did not finish (diverged, crashed, killed, still running), which are in no table or figure, with
+    their swept values (the child's tags; `axes`, else the parent's sweep keys) and the recorded reason; and the code
+    commits of the finished ones when they are several (a run's fingerprint is its config, not its code: a study rerun
+    after a change of the code trains only what is new and pools it with what is done)."""
+    children_ = children(client, parent, status=None)
+    commits: dict[str, int] = {}
+    for r in children_:
+        if r.info.status == "FINISHED":
+            commit = r.data.tags.get("git_commit", "unknown")
+            commits[commit] = commits.get(commit, 0) + 1
+    note = ""
+    if len(commits) > 1:
+        counts = ", ".join(f"{c[:12]}: {n}" for c, n in sorted(commits.items(), key=lambda kv: -kv[1]))
+        note = (f"Code: the finished runs come from {len(commits)} commits ({counts} runs); the fingerprint that "
+                "makes a rerun skip a done run is its config, not its code: check that no change between these "
+                "commits changes results, or rerun the study in a fresh folder.\n\n")
+    runs = [r for r in children_ if r.info.status != "FINISHED"]
     if not runs:
-        return ""
+        return note
     axes = axes or sorted(k.removeprefix("sweep.") for k in parent.data.tags if k.startswith("sweep."))
     items = []
     for r in runs:
         values = " ".join(f"{k}={r.data.tags.get(k, r.data.params.get(k, '?'))}" for k in axes) or r.info.run_name
         reason = r.data.tags.get("failure_reason", "no reason recorded (killed, or still running)")
         items.append(f"- {values}: {r.info.status}, {reason}")
-    return f"Left out: {len(runs)} child run(s) that did not finish.\n\n" + "\n".join(items) + "\n\n"
+    return note + f"Left out: {len(runs)} child run(s) that did not finish.\n\n" + "\n".join(items) + "\n\n"
 
 
 def _interval(se: pd.Series | float, n: pd.Series | int, confidence: float):

@@ -379,7 +379,7 @@ def report(client, parent, out: Path) -> None:
         note += (f" Peak minus first minimum (width {descent['peak_width']:.0f} minus width "
                  f"{descent['first_min_width']:.0f}, final test error, paired by seed): "
                  f"{results.diff_text({**row, 'n': descent['n'], 'distinct': descent['distinct']})}.")
-    note += "\n\n" + results.left_out(client, parent)
+    note += "\n\n" + results.caveats(client, parent)
     shown = ["width", "n", "params", "epochs", *(f"{m}_{stat}" for m in (*METRICS, *EXTRA)
                                                   if f"{m}_mean" in table for stat in ("mean", "se"))]
     (out / "modelwise.md").write_text(f"# {study}: model-wise\n\n{note}" + markdown_table(table[shown]))

@@ -168,7 +168,7 @@ def report_curves(client, parent, out: Path, x: str, line: str, tune: bool = Fal
             f"test_err(x_lo); `distinct`: the 95% interval excludes 0. A negative rise: the curve only falls.\n\n"
             + markdown_table(rises) + "\n## Curves\n\n" + markdown_table(table[[
                 c for c in table.columns if not c.endswith(("_std", "_ci_low", "_ci_high"))]])
-            + "\n\n" + results.left_out(client, parent, (line, x, "seed")))
+            + "\n\n" + results.caveats(client, parent, (line, x, "seed")))
     (out / "summary.md").write_text(note + "\n")
     title = f"{study}: final test and train error vs {x}, one curve per {line} ({n} seeds, mean ± 1 SE)"
     write_figure(figure(table, rises, x, line, title), out / "curves")

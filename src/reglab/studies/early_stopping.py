@@ -225,7 +225,7 @@ def report(client, parent, out: Path) -> None:
     (out / "test_error.md").write_text(
         f"# {study}: final test error by arm (mean ± SE over seeds)\n\n{subtitle}\n\n"
         "SE = sample std (ddof=1) / sqrt(n); ci = 95% Student-t interval; test_error.csv also has the std. Paired "
-        "differences from the `final` arm: paired.md.\n\n" + results.left_out(client, parent)
+        "differences from the `final` arm: paired.md.\n\n" + results.caveats(client, parent)
         + markdown_table(table[shown]))
     paired = paired_table(runs)
     paired.to_csv(out / "paired.csv", index=False)

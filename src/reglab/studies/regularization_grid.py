@@ -334,7 +334,7 @@ def report(client, parent, out: Path) -> None:
         "error − train error (train error: last epoch, training mode, noisy labels); train_eval_err (where "
         "logged): eval mode, dropout off, the full noisy training set after the last epoch; zero_frac: fraction "
         "of exactly-zero weights at the end. grid.csv has every column (std, intervals of each metric).\n\n"
-        + results.left_out(client, parent) + markdown_table(table[[c for c in MARKDOWN_COLUMNS if c in table]]))
+        + results.caveats(client, parent) + markdown_table(table[[c for c in MARKDOWN_COLUMNS if c in table]]))
     paired.to_csv(out / "paired.csv", index=False)
     (out / "paired.md").write_text(
         f"# {study}: test error minus {BASELINE}'s, paired by seed\n\n{subtitle}\n\n"
