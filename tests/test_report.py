@@ -131,6 +131,10 @@ def test_the_report_is_of_the_parent_whose_configuration_the_command_names_not_t
     runs_study.open_parent(study_config(mlflow_uri, "two_parents", "trainer.max_epochs=2"),
                            {"model.width": "2", "seed": "0"})
     out = runs_study.write_report(study_config(mlflow_uri, "two_parents", f"paths.root={tmp_path}"))
+    # Again: every file again (config.yaml, copied from the parent's artifact with the time the previous one had,
+    # was removed by every second report as a file it had not written).
+    again = runs_study.write_report(study_config(mlflow_uri, "two_parents", f"paths.root={tmp_path}"))
+    assert (again / "config.yaml").is_file() and again == out
     modelwise = pd.read_csv(out / "modelwise.csv")
     assert list(modelwise["width"]) == list(FINAL) and set(modelwise["n"]) == {2}
     from mlflow.tracking import MlflowClient

@@ -20,10 +20,13 @@ def parent_config(client, parent, out: Path) -> dict:
     from mlflow.exceptions import MlflowException
 
     try:
-        path = client.download_artifacts(parent.info.run_id, "config.yaml", str(out))
+        path = Path(client.download_artifacts(parent.info.run_id, "config.yaml", str(out)))
     except (MlflowException, OSError):
         return {}
-    return yaml.safe_load(Path(path).read_text()) or {}
+    # Written now: the copy keeps the artifact's modification time, which is the one the previous report's file had
+    # when it was uploaded, and runs.study.drop_unwritten removed it as a file this report did not write.
+    path.touch()
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
