@@ -23,6 +23,9 @@ ROWS = [
     ("unknown-regularizer", ["regularization=[l3]"], ["conf/regularization/l3.yaml", "l2"]),
     ("misspelled-key", ["model.widht=64"], ["model.widht", "misspelled", "--cfg job"]),
     ("misspelled-group", ["modle.width=64"], ["modle.width", "no key 'modle'"]),
+    # A group the defaults leave out is added with +: "misspelled?" sent the user looking for a typo.
+    ("group-not-in-defaults", ["stopping=continue"], ["stopping: a config group the defaults do not include",
+                                                      "+stopping=NAME", "best, continue, final, retrain"]),
     ("exp-does-not-exist", ["+exp=no_such_study"], ["exp=no_such_study", "conf/exp/no_such_study.yaml"]),
     ("unparsable-override", ["model.width=[1,"], ["model.width=[1,", "override_grammar"]),
     ("wrong-type-int", ["model.width=wide"], ["model.width='wide'", "an integer >= 1"]),

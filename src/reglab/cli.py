@@ -74,10 +74,14 @@ def _missing_config(exc: Exception, conf_dir: Path) -> str:
     return f"{group}={name}: there is no conf/{group}/{name}.yaml{source}; {choice}"
 
 
-def _unknown_key(exc: Exception) -> str | None:
+def _unknown_key(exc: Exception, conf_dir: Path) -> str | None:
     key = re.match(r"Could not override '([^']+)'", str(exc))
     if key is None:
         return None
+    options = _options(conf_dir, key.group(1)) if "." not in key.group(1) else []
+    if options:  # a group train.yaml's defaults do not load (stopping: +exp=early_stopping's arms)
+        return (f"{key.group(1)}: a config group the defaults do not include; add one of its options with "
+                f"+{key.group(1)}=NAME ({', '.join(options)})")
     full_key = re.search(r"full_key: (\S+)", str(exc.__cause__ or "")) if exc.__cause__ else None
     missing = full_key.group(1) if full_key else key.group(1)
     return (f"{key.group(1)}: the config has no key '{missing}' (misspelled?); "
@@ -110,7 +114,7 @@ def one_line(exc: BaseException, conf_dir: Path) -> str | None:
         key = getattr(exc, "full_key", None) or "a value"
         return f"{key} is required (??? in the config); set it on the command line: {key}=VALUE"
     if isinstance(exc, HydraException):
-        unknown = _unknown_key(exc)
+        unknown = _unknown_key(exc, conf_dir)
         if unknown:
             return unknown
         cause = f"; {_first_lines(str(exc.__cause__))}" if isinstance(exc.__cause__, OmegaConfBaseException) else ""
