@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import with_store
 from train_cli import train_cli
@@ -80,13 +81,16 @@ ROWS = [
     ("garbled-dataset-file", ["data=mnist", "data.root={mnist_garbled}", "data.download=false"],
      ["mnist", "{mnist_garbled}", "corrupted"]),
 ]
+if not torch.cuda.is_available():  # CI's machines: a GPU trainer where there is none
+    ROWS.append(("gpu-trainer-without-a-gpu", ["trainer=gpu"], ["trainer.accelerator=gpu", "no CUDA GPU",
+                                                                "trainer=cpu"]))
 
 
 # Rows whose error comes after Lightning is imported (the regularizer class, the data module, the augmentation
 # builder): every other row must fail before, in a fraction of a second.
 LOADS_LIGHTNING = {"regularizer-not-for-model", "unknown-augmentation", "unknown-augmentation-argument",
                    "missing-dataset", "truncated-dataset-file", "garbled-dataset-file", "batch-norm-batch-of-one",
-                   "batch-norm-retrain-batch-of-one", "early-stopping-without-validation"}
+                   "batch-norm-retrain-batch-of-one", "early-stopping-without-validation", "gpu-trainer-without-a-gpu"}
 # Put on the CLI's PYTHONPATH: at exit, the process writes the names of the modules it imported.
 MODULES_AT_EXIT = """
 import atexit, os, sys

@@ -77,6 +77,15 @@ def _ranks(cfg: DictConfig) -> int | None:
     return None if count is None else count * int(t.get("num_nodes") or 1)
 
 
+def check_accelerator(cfg: DictConfig) -> None:
+    """trainer=gpu where torch sees no GPU: one line before anything is written (Lightning's own message came after
+    the run's lookup, wrapped in Hydra's instantiation error)."""
+    accelerator = str(cfg.trainer.get("accelerator") or "auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator}: torch sees no CUDA GPU here "
+                          "(torch.cuda.is_available() is false); use trainer=cpu")
+
+
 def check_splits(cfg: DictConfig, dm, net: nn.Module) -> None:
     """What the data's splits cannot give this model and these callbacks, in one line before training (each was a
     traceback during it, after the run was logged)."""
@@ -164,6 +173,7 @@ def evaluate_training_set(net: torch.nn.Module, dm) -> dict[str, torch.Tensor]:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)
+    check_accelerator(cfg)
     run = open_run(cfg)
     if run.done:
         return run.metrics

@@ -102,6 +102,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     cfgs = member_configs(cfg)
     for c in cfgs:
         validate(c)
+    train.check_accelerator(cfgs[0])
     found = [look_up(c) for c in cfgs]
     todo = [i for i, r in enumerate(found) if not r.done]
     if todo:
