@@ -157,6 +157,26 @@ def test_population_members_are_named_and_tagged_by_their_swept_values(tmp_path,
     assert inputs["width=8 seed=0"]["train"] != inputs["width=16 seed=1"]["train"]  # seeds 0 and 1: other splits
 
 
+def test_a_parent_holds_the_union_of_its_sweeps_and_the_latest_command(tmp_path, mlflow_uri):
+    """Its sweep.<key> tags named the first sweep's values alone, though the report covers every sweep's children,
+    and a plain value of a preset's axis (model.width=4) was not what the tag said; reglab.command reruns it."""
+    from omegaconf import OmegaConf
+
+    from reglab.runs import study
+
+    cfg = compose([*TINY, f"paths.root={tmp_path}", f"logger.tracking_uri={mlflow_uri}", "logger.experiment=unions",
+                   "study=unions"])
+    hydra = OmegaConf.create({"sweeper": {"params": {"model.width": "2,8,32", "seed": "0,1"}},
+                              "overrides": {"task": ["+exp=unions", "model.width=4", "seed=0,1,2"]}})
+    axes = study.sweep_axes(hydra)
+    assert axes == {"model.width": "4", "seed": "0,1,2"}
+    parent = study.open_parent(cfg, {"model.width": "8,16", "seed": "0,1"}, "python scripts/train.py seed=0,1")
+    assert study.open_parent(cfg, axes, study.command(hydra)) == parent
+    tags = MlflowClient(mlflow_uri).get_run(parent).data.tags
+    assert (tags["sweep.model.width"], tags["sweep.seed"]) == ("8,16,4", "0,1,2")
+    assert tags["reglab.command"] == "python scripts/train.py +exp=unions model.width=4 seed=0,1,2"
+
+
 def test_a_population_job_looks_each_member_up_once(tmp_path, mlflow_uri, monkeypatch):
     """One store query per member and job (a query took ~40 ms per member of a 35-member job): the look-up that finds
     done members also gives the attempts the population's resume decision chooses from."""

@@ -82,27 +82,49 @@ def sweep_axes(hydra_cfg: DictConfig) -> dict[str, str]:
 
     axes = {str(k): str(v) for k, v in (hydra_cfg.sweeper.get("params") or {}).items()}
     for o in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
-        if o.is_sweep_override():
+        # A plain value of a preset's axis (model.width=4) replaces the axis, as the sweeper takes it.
+        if o.is_sweep_override() or o.key_or_group in axes:
             axes[o.key_or_group] = o.input_line.split("=", 1)[1]
     return axes
 
 
-def open_parent(cfg: DictConfig, axes: dict[str, str] | None = None) -> str:
+def command(hydra_cfg: DictConfig) -> str:
+    """The command line that ran this sweep (the parent's tag reglab.command: what reruns the study)."""
+    import shlex
+
+    return " ".join(["python", "scripts/train.py", *map(shlex.quote, hydra_cfg.overrides.task)])
+
+
+def _union(held: str | None, values: str) -> str:
+    """A parent's sweep.<key> after another sweep of it: the values of both when both are plain lists (the report
+    covers every child the parent holds), else the latest."""
+    if not held or any(c in held + values for c in "()[]{}"):
+        return values
+    seen = held.split(",")
+    return ",".join(seen + [v for v in values.split(",") if v not in seen])
+
+
+def open_parent(cfg: DictConfig, axes: dict[str, str] | None = None, command: str | None = None) -> str:
     """Run id of the study's parent, created when new (tags study=<name>, reglab.role=parent, the grid as
-    sweep.<key>, the report's target); its config.yaml is the study's config."""
+    sweep.<key> (the union over the sweeps into it), the report's target, the latest sweep's command line as
+    reglab.command); its config.yaml is the study's config."""
     axes = axes or {}
     client, exp_id, _ = store.experiment(cfg)
     key = identity(cfg, without=list(axes))  # the study name is matched by its own tag
     found = client.search_runs([exp_id], f"tags.study = '{cfg.study}' and tags.`reglab.study_key` = '{key}' and "
                                          "tags.`reglab.role` = 'parent'", max_results=1)
+    held: dict[str, str] = {}
     if found:
         parent = found[0].info.run_id
+        held = found[0].data.tags
     else:
         parent = client.create_run(exp_id, run_name=cfg.study, tags={
             "study": cfg.study, "reglab.study_key": key, "reglab.role": "parent", "role": "parent",
             **store.code_tags()}).info.run_id
     for k, values in axes.items():
-        client.set_tag(parent, f"sweep.{k}", values)
+        client.set_tag(parent, f"sweep.{k}", _union(held.get(f"sweep.{k}"), values))
+    if command:
+        client.set_tag(parent, "reglab.command", command[:5000])
     if cfg.get("report"):
         client.set_tag(parent, "reglab.report", cfg.report._target_)
     client.log_text(parent, OmegaConf.to_yaml(without_hydra(cfg), resolve=True), "config.yaml")
@@ -201,14 +223,14 @@ class StudyCallback(Callback):
         except ConfigError as e:
             stop(e)
         if config.get("study"):
-            os.environ[ENV_PARENT] = open_parent(config, sweep_axes(config.hydra))
+            os.environ[ENV_PARENT] = open_parent(config, sweep_axes(config.hydra), command(config.hydra))
         from reglab import progress
 
         progress.start(config)  # the sweep's live view, or a line per finished member (from its jobs' events)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.get("study") and config.logger.get("backend") == "mlflow":  # one configuration of a study
-            os.environ[ENV_PARENT] = open_parent(config, sweep_axes(config.hydra))
+            os.environ[ENV_PARENT] = open_parent(config, sweep_axes(config.hydra), command(config.hydra))
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(ENV_PARENT, None)
