@@ -170,3 +170,23 @@ def test_a_metric_measured_in_fewer_runs_says_on_how_many():
     assert s["n"] == 3 and s["l2_n"] == 2 and "err_n" not in s  # l2's SE is over 2 runs, not the n shown
     assert s["l2_se"] == pytest.approx(np.std([1.0, 3.0], ddof=1) / math.sqrt(2))
 
+
+
+def test_load_finds_a_study_in_the_experiment_its_preset_logs_to(tmp_path, empty_store):
+    """Each preset logs to its own experiment (+exp=early_stopping: early_stopping); load() looked in `reglab` alone
+    and said there was no parent, though the sweep had run."""
+    from conftest import with_store
+    from mlflow.tracking import MlflowClient
+
+    from reglab.runs.study import child_tags
+
+    uri = f"sqlite:///{with_store(tmp_path, empty_store)}/mlruns/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("early_stopping")
+    parent = client.create_run(exp, tags={"study": "early_stopping", "reglab.role": "parent"}).info.run_id
+    child = client.create_run(exp, tags=child_tags(parent, "early_stopping")).info.run_id
+    client.log_metric(child, "test/err", 0.25)
+    client.set_terminated(child)
+    assert list(results.load("early_stopping", tracking_uri=uri)["run_id"]) == [child]
+    with pytest.raises(ReglabError, match="no experiment 'reglab'"):
+        results.load("early_stopping", experiment="reglab", tracking_uri=uri)

@@ -85,11 +85,12 @@ def runs(client, parent, history: Sequence[str] | None = None, status: str | Non
     return df
 
 
-def load(study: str | None = None, *, parent: str | None = None, experiment: str = "reglab",
+def load(study: str | None = None, *, parent: str | None = None, experiment: str | None = None,
          tracking_uri: str | None = None, root: str = ".", history: Sequence[str] | None = None,
          status: str | None = "FINISHED") -> pd.DataFrame:
-    """`runs` of the newest parent of `study` (or of the parent run id `parent`) in `experiment` of the store at
-    `tracking_uri` (default: the checkout's mlruns/ under `root`, or $MLFLOW_TRACKING_URI)."""
+    """`runs` of the newest parent of `study` (or of the parent run id `parent`) in `experiment` (default: any; each
+    preset logs to its own, e.g. early_stopping) of the store at `tracking_uri` (default: the checkout's mlruns/
+    under `root`, or $MLFLOW_TRACKING_URI)."""
     import os
 
     from mlflow.tracking import MlflowClient
@@ -104,10 +105,14 @@ def load(study: str | None = None, *, parent: str | None = None, experiment: str
     else:
         if not study:
             raise ReglabError("results.load: name a study or a parent run id")
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise ReglabError(f"results.load: no experiment {experiment!r} in {uri}")
-        p = latest_parent(client, exp.experiment_id, study)
+        if experiment is None:
+            ids = [e.experiment_id for e in client.search_experiments()]
+        else:
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                raise ReglabError(f"results.load: no experiment {experiment!r} in {uri}")
+            ids = [exp.experiment_id]
+        p = latest_parent(client, ids, study)
     return runs(client, p, history=history, status=status)
 
 

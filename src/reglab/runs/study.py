@@ -154,12 +154,13 @@ def parent_id(cfg: DictConfig) -> str:
     return open_parent(cfg, sweep_axes(HydraConfig.get()) if HydraConfig.initialized() else {})
 
 
-def latest_parent(client, exp_id: str, study: str, cfg: DictConfig | None = None):
+def latest_parent(client, exp_id: str | list[str], study: str, cfg: DictConfig | None = None):
     """The study's parent run: the newest one of `cfg`'s configuration (its reglab.study_key, computed without that
     parent's swept keys, as open_parent keyed it) where there is one, else the newest (with a line saying so). A
     rerun of an older sweep keeps its parent's start time, so the newest alone may be another configuration's
     (a smoke run with trainer.max_epochs=2)."""
-    runs = client.search_runs([exp_id], f"tags.study = '{study}' and tags.`reglab.role` = 'parent'",
+    runs = client.search_runs([exp_id] if isinstance(exp_id, str) else exp_id,
+                              f"tags.study = '{study}' and tags.`reglab.role` = 'parent'",
                               order_by=["attributes.start_time DESC"])
     if not runs:
         raise ConfigError(f"study={study!r}: no parent run in this MLflow store (run the sweep first)")
