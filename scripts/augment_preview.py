@@ -10,14 +10,18 @@ grid to MLflow as augmentation_preview.png.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import reglab  # noqa: F401  (no-network environment before albumentations loads)
+from reglab import cli
 from reglab.data.augmentation import write_preview
 from reglab.errors import ReglabError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -33,4 +37,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main, CONF)  # Hydra's composition errors (an unknown augmentation, a bad override) as one line

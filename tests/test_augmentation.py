@@ -201,3 +201,14 @@ def test_draws_are_a_function_of_seed_epoch_and_rank(device):
     first = draws(uninterrupted)  # epoch 1 of the first fit, drawn again: the stream has moved on
     uninterrupted.trainer = SimpleNamespace(training=True, current_epoch=1, global_rank=0, world_size=2)
     assert not torch.equal(first, epoch1) and torch.equal(draws(uninterrupted), epoch1)
+
+
+def test_augment_preview_script_names_an_unknown_augmentation_in_one_line(tmp_path):
+    """As train.py and report.py do (it printed Hydra's report and exited 1)."""
+    from train_cli import train_cli
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "augment_preview.py"
+    out = train_cli("augmentation=nosuch", f"paths.root={tmp_path}", script=script, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == ["error: augmentation=nosuch: there is no conf/augmentation/nosuch.yaml; "
+                                               "choose one of: cifar_standard, digits_safe, figure_9_1, none"]
