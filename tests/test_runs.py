@@ -248,3 +248,16 @@ def test_the_commit_of_an_image_without_a_repository_comes_from_its_build(monkey
         assert store.git_commit() == "0123abc"
     finally:
         store.git_commit.cache_clear()
+
+
+def test_the_ui_hint_names_the_store_the_run_is_in(tmp_path):
+    """`make ui` serves the checkout's mlruns/ alone: a run in another store was told to open it with `make ui`."""
+    from pathlib import Path
+
+    from reglab.runs import store
+
+    checkout = Path(store.__file__).resolve().parents[3]
+    assert store.ui_hint(f"sqlite:///{checkout}/mlruns/mlflow.db") == "open it with `make ui`"
+    other = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert f"mlflow ui --backend-store-uri {other} --host 127.0.0.1" in store.ui_hint(other)
+    assert store.ui_hint("http://127.0.0.1:5000") == "open http://127.0.0.1:5000 in a browser"

@@ -26,7 +26,7 @@ from reglab.classifier import Classifier
 from reglab.config import validate
 from reglab.data import augmentation, device_augment
 from reglab.errors import ConfigError, DivergenceError, ReglabError
-from reglab.runs import Run, open_run
+from reglab.runs import Run, open_run, store
 from reglab.runs.logger import RunLogger, build_logger
 
 
@@ -230,5 +230,5 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics.update(after)
     if logger is not None and not cfg.get("study"):  # a study prints where its report is instead
         print(f"MLflow: run {logger.run_id} ({run.name}) in experiment '{cfg.logger.experiment}' at "
-              f"{logger.tracking_uri}; open it with `make ui`")
+              f"{logger.tracking_uri}; {store.ui_hint(logger.tracking_uri)}")
     return metrics

@@ -77,6 +77,17 @@ def resolve(tracking_uri: str | None, root: str | Path) -> tuple[str, str | None
     return f"sqlite:///{db}", artifacts.as_uri()
 
 
+def ui_hint(tracking_uri: str) -> str:
+    """How to open the store at `tracking_uri` in the MLflow UI: `make ui` serves the checkout's own store only."""
+    checkout = Path(__file__).resolve().parents[3]
+    if tracking_uri == f"sqlite:///{checkout / 'mlruns' / 'mlflow.db'}":
+        return "open it with `make ui`"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return (f"open it with `MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {tracking_uri} "
+            "--host 127.0.0.1 --workers 1`")
+
+
 def experiment(cfg: DictConfig):
     """(MlflowClient, experiment id, tracking URI) of `cfg.logger.experiment`, created with its artifact folder
     when new."""
