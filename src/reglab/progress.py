@@ -302,7 +302,7 @@ class Sweep:
         return [self.line(member)]
 
     def line(self, member: Member) -> str:
-        """`model.width=48 seed=3  test/err=0.2650 train/err=0.0000  41s  [3/28]`"""
+        """`model.width=48 seed=3  test/err=0.2650 train_eval/err=0.0000  41s  [3/28]`"""
         if member.status == "failed":
             return f"{member.label}  failed: {member.error}  {self.count()}"
         if member.status == "stopped":
