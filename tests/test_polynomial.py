@@ -109,6 +109,8 @@ def test_preset_runs_end_to_end_into_mlflow(tmp_root, mlflow_uri):
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     # 4 orders + 10 (Fig 1.5) + 1 (Fig 1.6) + 3 (Table 1.2) + 5 (Fig 1.8) lstsq, 2 GD, lasso + ridge
     assert len(children) >= 20 and {c.data.params["solver"] for c in children} == {"lstsq", "gd", "lasso_cd"}
+    names = [c.info.run_name for c in children]
+    assert len(set(names)) == len(names)  # one run per fit (Table 1.2's and Fig. 1.8's common ln lambdas were two)
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"fig1_4_fits.png", "table1_2_coefficients_by_lnlambda.md"} <= artifacts
 
