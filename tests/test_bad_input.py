@@ -52,6 +52,8 @@ ROWS = [
     ("keep-prob-zero", ["regularization=[dropout]", "regularization.dropout.keep_prob=0"],
      ["regularization.dropout.keep_prob=0", "(0, 1]"]),
     ("label-noise-1", ["data.label_noise=1.0"], ["data.label_noise=1.0", "[0, 1)"]),
+    ("negative-patience", ["callbacks.early_stopping.patience=-3"],
+     ["callbacks.early_stopping.patience=-3", "an integer >= 0"]),
     ("negative-strength", ["regularization=[l2]", "regularization.l2.strength=-1e-4"],
      ["regularization.l2.strength=-0.0001", ">= 0"]),
     ("negative-elastic-net", ["regularization=[elastic_net]", "regularization.elastic_net.l1_strength=-1"],

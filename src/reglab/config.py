@@ -70,6 +70,9 @@ def validate(cfg: DictConfig) -> None:
                                                                       and 0 <= b < 1 for b in v)),
          "two numbers in [0, 1), e.g. [0.9, 0.999]"),
         ("trainer.max_epochs", lambda v: v in (absent, None) or (isinstance(v, int) and v >= 1), "an integer >= 1"),
+        # Lightning takes a negative patience and stops at the first epoch that does not improve, as patience 0 does
+        ("callbacks.early_stopping.patience", lambda v: v is absent or (isinstance(v, int) and v >= 0),
+         "an integer >= 0"),
         ("resume", lambda v: v in (absent, None, "auto", "restart"), "auto or restart"),
     ]
     for key, ok, expected in checks:
