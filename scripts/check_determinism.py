@@ -3,6 +3,9 @@ bit. Prints one markdown row per metric, then the verdict; exit status 1 when an
 
     python scripts/check_determinism.py                                   # defaults: digits MLP on the CPU
     python scripts/check_determinism.py --runs 3 trainer=gpu trainer.deterministic=false model=resnet18 data=synthetic
+    python scripts/check_determinism.py +exp=double_descent_mnist1d model.width=48 trainer.max_epochs=20
+
+A study preset (+exp=...) is checked on one configuration of its grid (its values, or those given), as a solo run.
 
 The numbers in docs/reliability.md (Determinism) come from this script.
 """
@@ -33,10 +36,17 @@ def main() -> int:
     from reglab.train import run
 
     results = []
+    # A study's children and report live in MLflow; one configuration of it is a solo run (logger off).
+    solo = ["study=null"] if any(o.lstrip("+").startswith("exp=") for o in args.overrides) else []
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(CONF), version_base="1.3"):
         for i in range(args.runs):
             try:
-                results.append(run(compose("train", [*args.overrides, "logger=none", f"paths.root={tmp}/{i}"])))
+                cfg = compose("train", [*args.overrides, *solo, "logger=none", f"paths.root={tmp}/{i}"])
+                if cfg.runner._target_ != "reglab.train.run":
+                    print(f"error: runner._target_={cfg.runner._target_}: this script compares classifier fits "
+                          "(reglab.train.run); that study is deterministic by its own tests", file=sys.stderr)
+                    return cli.EXIT_USER_ERROR
+                results.append(run(cfg))
             except Exception as e:  # a user's mistake: one line, as train.py
                 return cli.script_error(e, CONF)
     keys = sorted(k for k in results[0] if k.startswith(("train/", "val/", "test/")))

@@ -68,7 +68,8 @@ def test_a_resumed_fit_draws_what_the_uninterrupted_fit_drew(tmp_path):
 
 
 @pytest.mark.parametrize(("args", "words"), [(["model=mlpx"], "error: model=mlpx: there is no conf/model/mlpx.yaml"),
-                                             (["--runs", "1"], "--runs=1: comparing needs at least 2 runs")])
+                                             (["--runs", "1"], "--runs=1: comparing needs at least 2 runs"),
+                                             (["+exp=polynomial"], "runner._target_=reglab.studies.polynomial.run")])
 def test_check_determinism_script_refuses_bad_input_in_one_line(tmp_path, args, words):
     from pathlib import Path
 
@@ -78,3 +79,16 @@ def test_check_determinism_script_refuses_bad_input_in_one_line(tmp_path, args, 
     out = train_cli(*args, script=script, cwd=tmp_path)
     assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
 
+
+
+def test_check_determinism_script_checks_one_configuration_of_a_study_preset(tmp_path):
+    """A study's children live in MLflow: the script ran the preset with logger=none and stopped at 'this needs
+    logger=mlflow'; it now checks the preset's configuration as a solo run."""
+    from pathlib import Path
+
+    from train_cli import train_cli
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_determinism.py"
+    out = train_cli("+exp=double_descent_mnist1d", "model.width=4", "trainer.max_epochs=2", "data.train_samples=200",
+                    script=script, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("bit-identical"), out.stderr[-2000:]
