@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from reglab.models import MLP, ResNet18
 from reglab.population import PopulationMLP, PopulationResNet18, fusable, fuse, member_losses
 from reglab.regularization.dropout import (
-    DropConnectLinear, DropConnectRegularizer, DropoutRegularizer, InvertedDropout, SpatialDropoutRegularizer,
+    DropConnectLinear, DropConnectRegularizer, DropoutRegularizer, GaussianDropoutRegularizer, InvertedDropout,
+    SpatialDropoutRegularizer,
 )
 
 IN, CLASSES = 12, 5
@@ -337,3 +338,27 @@ def test_repr_names_members_and_widths():
     text = repr(fuse(mlps([8, 16, 8])))
     assert "members=3" in text and "8x2, 16x1" in text
     assert "members=2, width=2" in repr(fuse(resnets(2)))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("regularizer", [DropoutRegularizer, GaussianDropoutRegularizer])
+def test_stage_dropout_draws_each_members_solo_mask_in_either_layout(regularizer, layout):
+    """Elementwise masks are drawn in memory order: under channels_last (every GPU run) a member's slice was copied
+    to the default layout, and the same seed drew another mask than its solo run's."""
+    from reglab.data.loader import epoch_seed
+
+    seeds, nets = [0, 1], []
+    for s in seeds:
+        torch.manual_seed(s)
+        net = ResNet18((1, 8, 8), 10, width=2, norm="none")
+        regularizer(keep_prob=0.5, stages=[0, 1], head=False).attach(net)
+        nets.append(net.train().to(memory_format=layout))
+    pop = fuse([copy.deepcopy(n) for n in nets]).train().to(memory_format=layout)
+    pop.streams.seeds = seeds
+    pop.streams.start(0, 0)
+    x = torch.randn(2, 4, 1, 8, 8)
+    with torch.no_grad():
+        out = pop(x)
+        for m, net in enumerate(nets):
+            torch.manual_seed(epoch_seed(seeds[m], 0, 0))  # what Classifier.on_train_epoch_start does for the solo run
+            torch.testing.assert_close(out[m], net(x[m].contiguous(memory_format=layout)), rtol=1e-5, atol=1e-6)

@@ -170,6 +170,10 @@ def test_a_parent_holds_the_union_of_its_sweeps_and_the_latest_command(tmp_path,
                               "overrides": {"task": ["+exp=unions", "model.width=4", "seed=0,1,2"]}})
     axes = study.sweep_axes(hydra)
     assert axes == {"model.width": "4", "seed": "0,1,2"}
+    # An Optuna search space stays what the sweeper searches, whatever plain value the command line gives it.
+    optuna = OmegaConf.create({"sweeper": {"params": {"regularization.dropout.keep_prob": "interval(0.2, 1.0)"}},
+                               "overrides": {"task": ["regularization.dropout.keep_prob=0.5"]}})
+    assert study.sweep_axes(optuna) == {"regularization.dropout.keep_prob": "interval(0.2, 1.0)"}
     parent = study.open_parent(cfg, {"model.width": "8,16", "seed": "0,1"}, "python scripts/train.py seed=0,1")
     assert study.open_parent(cfg, axes, study.command(hydra)) == parent
     tags = MlflowClient(mlflow_uri).get_run(parent).data.tags

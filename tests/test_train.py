@@ -1,6 +1,7 @@
 """End to end through reglab.train.run: the model learns, seeds reproduce, and the run lands in MLflow."""
 
 import copy
+import signal
 from pathlib import Path
 
 import mlflow
@@ -29,6 +30,22 @@ def test_mlp_learns_digits_and_parameters_move(tmp_root, monkeypatch):
     after = captured["net"].state_dict()
     for k, v in captured["before"].items():
         assert not torch.equal(v, after[k]), f"{k} did not move"
+
+
+def test_an_in_process_fit_leaves_a_python_callers_ctrl_c_alone(tmp_root, monkeypatch):
+    """Only the CLI turns Ctrl-C into checkpoint-and-stop for its jobs: in a fit called from Python it set
+    reglab's flag, and every later run of the process was refused as "asked to stop"."""
+    seen = []
+    real = train_mod.Classifier.on_train_epoch_end
+
+    def spy(self):
+        seen.append(signal.getsignal(signal.SIGINT))
+        real(self)
+
+    monkeypatch.setattr(train_mod.Classifier, "on_train_epoch_end", spy)
+    sigint = signal.getsignal(signal.SIGINT)
+    run(compose(quick(tmp_root, "trainer.max_epochs=2", "callbacks.early_stopping=null")))
+    assert len(seen) == 2 and all(handler is sigint for handler in seen)
 
 
 def _val_losses(tmp_root, uri, name):

@@ -112,7 +112,7 @@ class Checkpoint(ModelCheckpoint):
     # (Lightning's calls the one it replaced): ours keeps it, and Lightning's flag, which would raise at the next
     # batch, is cleared (seen in CI: SIGTERM during the sanity check ended a run with SIGTERMException).
     def _take_back_sigterm(self, trainer) -> None:
-        preemption.install()
+        preemption.install(sigint=False)  # Lightning leaves SIGINT alone: the CLI's, or a Python caller's own
         if trainer.received_sigterm:
             preemption.handler(signal.SIGTERM, None)
             trainer._signal_connector.received_sigterm = False

@@ -30,6 +30,7 @@ EXIT_PREEMPTED = 128 + signal.SIGTERM  # the exit status after SIGTERM; exit_sta
 _requested_at: float | None = None  # time.monotonic() of the first SIGTERM or SIGINT in this process
 _signal: int = signal.SIGTERM  # the one that came first
 _interrupts = 0  # Ctrl-Cs so far
+_previous: dict[int, object] = {}  # the handlers install() replaced, which reset() puts back
 _launcher_pid: int | None = None  # the process that forwards SIGTERM to its workers
 
 
@@ -134,23 +135,32 @@ def handler(signum, frame) -> None:
             _signal_workers(signal.SIGTERM)
 
 
-def install(launcher: bool = False) -> None:
-    """SIGTERM and SIGINT set the flag in this process (idempotent; only from the main thread, as Python requires).
-    In the launching process of a sweep it is also forwarded to the job processes."""
+def install(launcher: bool = False, sigint: bool = True) -> None:
+    """SIGTERM (and, with `sigint`, SIGINT) set the flag in this process (idempotent; only from the main thread, as
+    Python requires). In the launching process of a sweep it is also forwarded to the job processes. `sigint=False`:
+    reglab.checkpoint taking SIGTERM back from Lightning in a fit, where a Python caller's Ctrl-C stays its own (the
+    CLI installs both for its jobs)."""
     global _launcher_pid
     if launcher:
         _launcher_pid = os.getpid()
     try:
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        for sig in (signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,):
+            previous = signal.signal(sig, handler)
+            if previous is not handler:
+                _previous.setdefault(sig, previous)
     except ValueError:  # not the main thread: the caller's own handling stays
         pass
 
 
 def reset() -> None:
-    """Forget a SIGTERM or Ctrl-C: for a process that goes on after a preempted run (tests that train in-process)."""
+    """Forget a SIGTERM or Ctrl-C and put back the handlers install() replaced: for a process that goes on after a
+    preempted run (tests that train in-process)."""
     global _requested_at, _signal, _interrupts
     _requested_at, _signal, _interrupts = None, signal.SIGTERM, 0
+    for sig, previous in _previous.items():
+        with contextlib.suppress(ValueError, TypeError):  # not the main thread; a handler set from C (None)
+            signal.signal(sig, previous)
+    _previous.clear()
 
 
 def check(what: str) -> None:

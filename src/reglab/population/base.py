@@ -87,15 +87,17 @@ class MemberDraws(nn.Module):
         if not self.training or isinstance(self.module, nn.Identity):
             return self.module(x)
         rows = x.unflatten(1, (len(self.members), -1)) if self.grouped else x
+        # Elementwise masks are drawn in memory order: each member's slice in the layout its solo run's maps have
+        # (channels_last on a GPU), or the same seed draws other masks.
+        layout = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and \
+            not x.is_contiguous() else torch.contiguous_format
         outs = []
         for i, m in enumerate(self.members):
             with self._streams.member(m, x.device):
-                outs.append(self.module((rows[:, i] if self.grouped else rows[i]).contiguous()))
+                outs.append(self.module((rows[:, i] if self.grouped else rows[i]).contiguous(memory_format=layout)))
         if not self.grouped:
             return torch.stack(outs)
-        out = torch.stack(outs, 1).flatten(1, 2)
-        return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(
-            memory_format=torch.channels_last) and not x.is_contiguous() else out
+        return torch.stack(outs, 1).flatten(1, 2).contiguous(memory_format=layout)
 
 
 class StackedLinear(nn.Module):

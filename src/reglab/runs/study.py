@@ -82,8 +82,9 @@ def sweep_axes(hydra_cfg: DictConfig) -> dict[str, str]:
 
     axes = {str(k): str(v) for k, v in (hydra_cfg.sweeper.get("params") or {}).items()}
     for o in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
-        # A plain value of a preset's axis (model.width=4) replaces the axis, as the sweeper takes it.
-        if o.is_sweep_override() or o.key_or_group in axes:
+        # A plain value of a preset's grid axis (model.width=4) replaces the axis, as the basic sweeper takes it; an
+        # Optuna search space (interval, choice, ...) is searched whatever value the command line gives.
+        if o.is_sweep_override() or o.key_or_group in axes and not any(c in axes[o.key_or_group] for c in "()"):
             axes[o.key_or_group] = o.input_line.split("=", 1)[1]
     return axes
 

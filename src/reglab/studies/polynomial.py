@@ -116,18 +116,19 @@ def _run(cfg: DictConfig, p: DictConfig, rec: StudyRecorder) -> dict[str, float]
     x, t = bishop_data() if p.data == "bishop" else sample(p.n_train, p.noise_std, p.design, seed * 100)
     xt, tt = sample(p.n_test, p.noise_std, "random" if p.design == "random" else "grid", seed * 100 + 1)
 
-    fits: dict[str, tuple] = {}  # one child run per fit: Table 1.2 and Fig. 1.8 share ln lambda = 0 and -18
+    fits: dict[tuple, tuple] = {}  # one child run per fit: Table 1.2 and Fig. 1.8 share ln lambda = 0 and -18
 
     def closed(order, ln_lambda, xs=x, ts=t, tag=""):
         name = f"lstsq-M{order}-lnl{fmt_ln(ln_lambda)}-N{len(xs)}{tag}"
-        if name not in fits:
+        key = (name, id(xs))  # Fig. 1.6 fits samples of its own, one of them of the base sample's size
+        if key not in fits:
             w = ridge_lstsq(xs, ts, order, sum_form_ln_lambda(ln_lambda, len(xs), p.penalty))
             m = {"train/E_rms": e_rms(w, xs, ts).item(), "test/E_rms": e_rms(w, xt, tt).item(),
                  "w/max_abs": w.abs().max().item()}
             rec.child(name, {"solver": "lstsq", "order": order, "ln_lambda": ln_lambda, "n_train": len(xs),
                              "data": p.data, "penalty": p.penalty}, m)
-            fits[name] = w, m
-        return fits[name]
+            fits[key] = w, m
+        return fits[key]
 
     # Fig 1.2: the data
     fig, ax = plt.subplots(figsize=(4.2, 3.2))
