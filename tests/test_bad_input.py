@@ -62,6 +62,8 @@ ROWS = [
     ("weight-decay-rounds-to-nothing", ["regularization=[weight_decay]", "regularization.weight_decay.strength=1e-5",
                                         "optim.lr=0.001"],
      ["regularization.weight_decay.strength=1e-05", "optim.lr=0.001", "exactly 1 in float32", "above 3e-05"]),
+    ("adamw-decay-rounds-to-nothing", ["optim=adamw", "optim.weight_decay=1e-5"],
+     ["optim.weight_decay=1e-05", "exactly 1 in float32", "optim=adam"]),
     # Checked by the regularizer class itself (reglab.regularization), after Lightning loads.
     ("regularizer-not-for-model", ["regularization=[spatial_dropout]"],
      ["regularization.spatial_dropout", "model=resnet18"]),

@@ -126,17 +126,20 @@ def _validate_decoupled_decay(cfg: DictConfig) -> None:
     exactly 1 and the decay does nothing (EfficientNet's 1e-5 at lr 1e-3 did nothing, bit for bit, until 2026-12-04).
     Checked at the initial learning rate: a schedule can only lower it."""
     lr = _number(cfg, "optim.lr")
-    for name, node in (cfg.get("regularization") or {}).items():
-        if not (isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("penalties.WeightDecay")):
-            continue
-        strength = node.get("strength")
+    decays = {f"regularization.{name}.strength": node.get("strength")
+              for name, node in (cfg.get("regularization") or {}).items()
+              if isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("penalties.WeightDecay")}
+    if (cfg.get("optim") or {}).get("name") == "adamw":  # torch's AdamW: the same w <- (1 - lr * wd) w, in float32
+        decays["optim.weight_decay"] = cfg.optim.get("weight_decay")
+    for key, strength in decays.items():
         if not (isinstance(lr, (int, float)) and isinstance(strength, (int, float))) or strength == 0:
             continue
         if np.float32(1.0 - lr * strength) == np.float32(1.0):
-            raise ConfigError(f"regularization.{name}.strength={strength!r} with optim.lr={lr!r} decays the weights by "
-                              f"a factor 1 - {lr * strength:.3g} per step, exactly 1 in float32 (no decay at all); "
-                              f"use a strength above {2.0**-25 / lr:.2g} at this lr, or a coupled L2 "
-                              "(regularization=[l2] or optim.weight_decay)")
+            fix = "or optim=adam with optim.weight_decay (coupled)" if key == "optim.weight_decay" else \
+                "or a coupled L2 (regularization=[l2] or optim.weight_decay)"
+            raise ConfigError(f"{key}={strength!r} with optim.lr={lr!r} decays the weights by a factor "
+                              f"1 - {lr * strength:.3g} per step, exactly 1 in float32 (no decay at all); use a "
+                              f"value above {2.0**-25 / lr:.2g} at this lr, {fix}")
 
 
 def _validate_paths(cfg: DictConfig) -> None:
