@@ -44,6 +44,18 @@ def test_datamodule_noise_touches_train_only():
     assert changed == pytest.approx(noisy.label_noise_realized) and 0.2 < changed < 0.4
 
 
+def test_a_smaller_training_set_is_a_prefix_of_a_larger_one_with_the_same_noisy_labels():
+    # What +exp=double_descent_samplewise compares across data.train_size: the same examples and wrong labels.
+    full = DigitsDataModule(label_noise=0.2, seed=3)
+    full.setup()
+    for n in (100, 400):
+        part = DigitsDataModule(label_noise=0.2, seed=3, train_size=n)
+        part.setup()
+        assert torch.equal(part.train_x, full.train_x[:n]) and torch.equal(part.train_y, full.train_y[:n])
+        wrong = (part.train_y != part.clean_train_y).float().mean().item()
+        assert wrong == pytest.approx(part.label_noise_realized)
+
+
 def test_digits_splits_and_subset():
     dm = DigitsDataModule(val_fraction=0.1, train_size=200, seed=1)
     dm.setup()

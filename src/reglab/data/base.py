@@ -130,13 +130,17 @@ class InMemoryDataModule(L.LightningDataModule):
         perm = torch.randperm(len(a.y_train), generator=g)
         n_val = round(self.val_fraction * len(perm))
         val_idx, train_idx = perm[:n_val], perm[n_val:]
+        # The noisy labels are drawn for the whole training part, then cut: a seed's smaller training sets are
+        # prefixes of its larger ones with the same wrong labels (drawn for the subset, each label's replacement
+        # depended on the subset's size: the sample-wise study compared other corruptions across sizes).
+        noisy_y, chosen = corrupt_labels(a.y_train[train_idx], self.label_noise, a.num_classes, self.seed)
         if self.train_size is not None:
             if self.train_size > len(train_idx):
                 raise ConfigError(
                     f"data.train_size={self.train_size} exceeds the {len(train_idx)} training examples of "
                     f"{self.name} left after the validation split"
                 )
-            train_idx = train_idx[: self.train_size]
+            train_idx, noisy_y, chosen = (t[: self.train_size] for t in (train_idx, noisy_y, chosen))
         self.num_classes = a.num_classes
         # Positions in the loaded training set: with the labels below, who this run's splits are (the digest of its
         # MLflow dataset inputs, reglab/runs/datasets.py).
@@ -144,7 +148,7 @@ class InMemoryDataModule(L.LightningDataModule):
         self.train_x, self.val_x, self.test_x = a.x_train[train_idx], a.x_train[val_idx], a.x_test
         self.val_y, self.test_y = a.y_train[val_idx], a.y_test
         self.clean_train_y = a.y_train[train_idx]
-        self.train_y, chosen = corrupt_labels(self.clean_train_y, self.label_noise, a.num_classes, self.seed)
+        self.train_y = noisy_y
         self.label_noise_realized = chosen.float().mean().item() if len(chosen) else 0.0
         c = len(a.mean)
         view = (1, c, 1, 1) if a.x_train.dim() == 4 else (1, -1) if c > 1 else (1, 1)
