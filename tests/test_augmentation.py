@@ -59,6 +59,22 @@ def test_cifar_standard_is_pad4_random_crop_and_flip():
     assert len(shifts) > 20  # many of the 81 offsets
 
 
+def test_the_transforms_of_a_seeded_pipeline_draw_independently():
+    # Albumentations 2.0.8 seeds every transform of a Compose alike: two p = 0.5 flips were applied together or not
+    # at all. Independent coins agree on about half of the images.
+    x = torch.arange(400 * 16, dtype=torch.uint8).view(400, 1, 4, 4)  # no image is symmetric under either flip
+    aug = BatchAugment([{"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5}], (4, 4), 255.0,
+                       seed=0)
+    for epoch in (None, 1):
+        if epoch is not None:
+            aug.start_epoch(epoch)
+        out = aug(x)
+        h = torch.tensor([torch.equal(o, i.flip(2)) or torch.equal(o, i.flip(1).flip(2)) for o, i in zip(out, x)])
+        v = torch.tensor([torch.equal(o, i.flip(1)) or torch.equal(o, i.flip(1).flip(2)) for o, i in zip(out, x)])
+        assert 0.4 < h.float().mean() < 0.6 and 0.4 < v.float().mean() < 0.6
+        assert 0.4 < (h == v).float().mean() < 0.6
+
+
 def test_seeded_pipelines_repeat():
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     a = BatchAugment(_transforms("figure_9_1"), (32, 32), 255.0, seed=3)(x)

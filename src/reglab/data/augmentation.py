@@ -104,7 +104,24 @@ def build_pipeline(transforms, seed: int | None = None, image_hw: tuple[int, int
 
     specs = _specs(transforms)
     built = [build_transform({**s, "p": 1.0} if force_apply else s, i, image_hw) for i, s in enumerate(specs)]
-    return A.Compose(built, seed=seed)
+    pipeline = A.Compose(built)
+    if seed is not None:
+        seed_pipeline(pipeline, seed)
+    return pipeline
+
+
+def seed_pipeline(pipeline, seed: int) -> None:
+    """Seed a Compose so that each transform draws from a stream of its own, derived from (seed, position).
+    Albumentations 2.0.8's Compose.set_random_seed (and Compose(seed=...)) gives every transform the same seed, so
+    all of them draw the same numbers: in cifar_standard the flip of image 2j followed image j's crop offset (94% of
+    images), and figure_9_1's transforms were applied in fixed pairs."""
+    pipeline.set_random_seed(seed)
+    for i, t in enumerate(pipeline.transforms):
+        own = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        if hasattr(t, "transforms"):  # a nested composition (OneOf, Sequential): its transforms apart too
+            seed_pipeline(t, own)
+        else:
+            t.set_random_seed(own)
 
 
 def label_changing(transforms) -> list[str]:
@@ -187,7 +204,7 @@ class BatchAugment:
     def start_epoch(self, epoch: int, rank: int = 0) -> None:
         """Draw this epoch's (and rank's) augmentations from epoch_seed (unseeded pipelines stay unseeded)."""
         if self.seed is not None:
-            self.pipeline.set_random_seed(epoch_seed(self.seed, epoch, rank, AUGMENTATION))
+            seed_pipeline(self.pipeline, epoch_seed(self.seed, epoch, rank, AUGMENTATION))
 
     def __repr__(self) -> str:
         return f"BatchAugment({[s['name'] for s in self.specs]}, image_hw={self.image_hw}, scale={self.scale:g})"
