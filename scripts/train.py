@@ -17,6 +17,7 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 def train(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)  # a bad value fails in a second, before Lightning (5 s to import) loads
     cli.quiet_libraries()  # in each job's own process (sweep workers are fresh processes)
+    cli.exit_quickly()
     return cli.runner(cfg)(cfg)
 
 

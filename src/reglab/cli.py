@@ -40,6 +40,23 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
+_EXIT_QUICKLY: list[bool] = []
+
+
+def exit_quickly() -> None:
+    """Skip the interpreter's last garbage collections at this process's exit: after torch, Lightning and MLflow are
+    imported (~580k tracked objects) they took 1.7 s of every CLI process's exit here, the launcher's and each sweep
+    worker's (0.25 s with gc.freeze first; measured 2026-12-04). Nothing is lost: a run's files are written and
+    closed before it returns, and only unreachable reference cycles go uncollected (the process ends; the memory is
+    the system's again). Registered once per process, so it runs before the exit handlers registered earlier."""
+    if not _EXIT_QUICKLY:
+        import atexit
+        import gc
+
+        atexit.register(gc.freeze)
+        _EXIT_QUICKLY.append(True)
+
+
 def runner(cfg: Any) -> Callable[[Any], Any]:
     """The function `runner._target_` names (reglab.train.run, or a study module's run); allowlisted by
     reglab.config.validate before it is imported."""
@@ -239,6 +256,7 @@ def main(hydra_main: Callable[[], Any], conf_dir: Path) -> None:
     """Run a @hydra.main function (which reads sys.argv) with Hydra's errors turned into one line."""
     from reglab import preemption
 
+    exit_quickly()
     keep_hydra_report = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises composition errors instead of printing them
     preemption.install(launcher=True)
