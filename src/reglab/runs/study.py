@@ -262,7 +262,7 @@ class StudyCallback(Callback):
             cli.fail(f"the {config.study} report: {line or type(e).__name__ + ' (a bug: its traceback is above)'}; "
                      f"the runs are kept, `python scripts/report.py study={config.study}` writes it again")
         finally:
-            client.update_run(parent, status="FINISHED")
+            client.set_terminated(parent, "FINISHED")  # with its end time (update_run leaves none: no duration)
 
 
 class StudyRecorder:
