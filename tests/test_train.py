@@ -220,3 +220,30 @@ def test_train_eval_scores_the_labels_trained_on_in_eval_mode():
         err = (logits.argmax(1) != labels).float().mean()
         assert (abs(got["train_eval/err"] - err) < 1e-6) == same
     torch.testing.assert_close(got["train_eval/loss"], F.cross_entropy(logits, dm.train_y), rtol=1e-5, atol=1e-6)
+
+
+def test_grouping_a_sweep_into_populations_imports_neither_torch_nor_lightning():
+    """The sweep's launching process plans the populations from configs alone; torch and Lightning (~5 s here) are
+    each job's to import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, reglab.population.sweeper, hydra_plugins.reglab_population.population_sweeper\n"
+            "print(sorted(m for m in ('torch', 'lightning', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_cli_process_freezes_its_heap_before_the_exit_handlers_run():
+    """reglab.cli.exit_quickly: the interpreter's last collections over torch's, Lightning's and MLflow's objects
+    are skipped (gc.freeze as the first exit handler); registered once however often it is called."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, gc\n"
+            "atexit.register(lambda: print('frozen' if gc.get_freeze_count() else 'not frozen'))\n"
+            "from reglab import cli\n"
+            "cli.exit_quickly(); cli.exit_quickly()\n"
+            "print(len(cli._EXIT_QUICKLY))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "frozen"]
