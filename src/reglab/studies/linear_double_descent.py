@@ -166,7 +166,8 @@ def _run(cfg: DictConfig, q: DictConfig, rec: StudyRecorder) -> dict[str, float]
     mn = table[table["solver"] == "min_norm"].set_index("p")[f"{LOG}_mean"]
     metrics = {"summary/peak_p": float(mn.idxmax()), "summary/log10_test_E_rms_at_N": float(mn.get(n, math.nan)),
                "summary/log10_test_E_rms_at_max_p": float(mn.iloc[-1])}
-    # the peak against the nearest swept p to N/2 and to 4N: paired by seed (same data set), on log10 E_RMS
+    # the peak against the nearest swept p to N/2 and to 4N: paired by seed (same data set), on log10 E_RMS. The peak
+    # is the argmax of these seeds' means, so the intervals are optimistic (selection is not corrected for).
     peak = int(mn.idxmax())
     for name, target_p in (("half_N", n / 2), ("4N", 4 * n)):
         base = int(min(q.p, key=lambda v: abs(v - target_p)))
