@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -11,7 +13,8 @@ from conftest import compose
 from omegaconf import OmegaConf
 
 from reglab.models.polynomial import predict, ridge_lstsq
-from reglab.studies.bias_variance import decompose, fit_mlps, init_mlps, target, training_sets
+from reglab.studies.bias_variance import (decompose, fit_mlps, fits_figure, init_mlps, target, training_sets,
+                                          u_curve)
 from reglab.cli import runner
 
 SIGMA = 0.3
@@ -29,6 +32,80 @@ def test_identity_is_exact_and_the_gap_is_test_noise_sampling_error():
     assert d["gap_over_se"] < 4
     # a wrong sigma^2 is caught: the gap is then far outside the sampling error
     assert decompose(pred, f, y, 0.25)["gap_over_se"] > 10
+
+
+def test_bias2_and_variance_are_the_unbiased_estimates_over_the_l_sets():
+    """Known truth: f_l(x) = f(x) + b(x) + s(x) z_l, so bias^2 = mean b^2 and variance = mean s^2 exactly.
+
+    With the variance large, the plug-in bias^2 (fbar - f)^2 is inflated by variance/L (here 0.09, nine times the
+    true 0.01) and the 1/L variance is low by the same amount; the unbiased pair is not, and sums to the plug-in sum.
+    """
+    gen = torch.Generator().manual_seed(0)
+    L, n = 100, 10000
+    x = torch.rand(n, generator=gen, dtype=torch.float64)
+    f, b, s = target(x), 0.1 * math.sqrt(2) * torch.cos(2 * math.pi * x), 2 + 2 * x
+    pred = f + b + s * torch.randn(L, n, generator=gen, dtype=torch.float64)
+    y = f + SIGMA * torch.randn(L, n, generator=gen, dtype=torch.float64)
+    d = decompose(pred, f, y, SIGMA)
+    true_bias2, true_var = b.pow(2).mean().item(), s.pow(2).mean().item()  # ~0.01, ~9.33
+    # sampling SE here: bias2 ~0.002, variance ~0.2% (the plug-in values are off by var/L = 0.093 and 1%)
+    assert d["bias2"] == pytest.approx(true_bias2, abs=0.01)
+    assert d["variance"] == pytest.approx(true_var, rel=0.006)
+    fbar = pred.mean(0)
+    plugin_bias2, plugin_var = (fbar - f).pow(2).mean().item(), (pred - fbar).pow(2).mean().item()
+    assert d["bias2_plugin"] == pytest.approx(plugin_bias2, rel=1e-12)
+    assert d["variance_plugin"] == pytest.approx(plugin_var, rel=1e-12)
+    assert plugin_bias2 - true_bias2 == pytest.approx(true_var / L, rel=0.2)  # the artifact the plug-in carries
+    assert d["variance"] == pytest.approx(L / (L - 1) * plugin_var, rel=1e-12)
+    assert d["bias2"] == pytest.approx(plugin_bias2 - d["variance"] / L, rel=1e-12)
+    # the sum, hence the check against the MSE (gap, SE, tolerance), is the plug-in one
+    assert d["bias2"] + d["variance"] == pytest.approx(plugin_bias2 + plugin_var, rel=1e-14)
+    assert d["sum"] == pytest.approx(plugin_bias2 + plugin_var + SIGMA**2, rel=1e-14)
+    assert abs(d["identity_residual"]) < 1e-12 and d["gap_over_se"] < 4
+    with pytest.raises(ValueError, match="L >= 2"):
+        decompose(pred[:1], f, y[:1], SIGMA)
+
+
+def test_polynomial_bias2_is_unbiased_where_the_true_bias_is_zero():
+    """Least squares of order M on t = pure noise (f = 0, in the model class) is unbiased: true bias^2 = 0.
+
+    Averaged over R independent repetitions of the L-set experiment, the reported bias^2 is ~0 while the plug-in
+    bias^2 is variance/L (the old figure's 'bias rising again' at high variance).
+    """
+    M, N, L, R, n = 3, 8, 10, 400, 200
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(R, L, N, generator=gen, dtype=torch.float64)
+    t = SIGMA * torch.randn(R, L, N, generator=gen, dtype=torch.float64)
+    xt = torch.rand(n, generator=gen, dtype=torch.float64)
+    pred = predict(ridge_lstsq(x, t, M), xt.expand(R, L, -1))  # (R, L, n)
+    f = torch.zeros(n, dtype=torch.float64)
+    y = SIGMA * torch.randn(R, L, n, generator=gen, dtype=torch.float64)
+    ds = [decompose(pred[r], f, y[r], SIGMA) for r in range(R)]
+    var = np.mean([d["variance"] for d in ds])
+    bias2 = np.array([d["bias2"] for d in ds])
+    plugin = pred.mean(1).pow(2).mean(-1).numpy()  # (fbar - f)^2 averaged over x, f = 0
+    # per repetition the estimate has sd ~ sqrt(2/(M+1)) var/L; over R = 400 the mean's SE is ~0.035 var/L
+    assert abs(bias2.mean()) < 0.15 * var / L
+    assert plugin.mean() == pytest.approx(var / L, rel=0.15)
+    assert (bias2 < 0).any()  # kept unclipped: an unbiased estimate of 0 is negative about half the time
+
+
+def test_figures_show_negative_bias2_on_a_log_axis_and_label_ln_lambda_as_sum_form():
+    d = pd.DataFrame({"value": [1, 2, 3], "bias2": [0.1, 0.01, -0.002], "variance": [0.1, 1.0, 50.0],
+                      "sum": [0.29, 1.1, 50.1], "mse": [0.3, 1.1, 50.0]})
+    fig = u_curve(d, "M", SIGMA, 10, False, "t")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    floor = [ln for ln in ax.get_lines() if "≤ 0" in ln.get_label()]
+    assert len(floor) == 1 and list(floor[0].get_xdata()) == [3]  # the point <= 0 is marked, not silently dropped
+    plt.close(fig)
+    pm = OmegaConf.create({"sweep_order": 3, "n_train": 10})
+    x, t = training_sets(3, 10, SIGMA, seed=0)
+    fits = {float(ln): ridge_lstsq(x, t, 3, ln) for ln in (-10.0, -5.0, 0.0)}
+    fig = fits_figure(fits, torch.rand(5, dtype=torch.float64), pm, 3)
+    labels = [tx.get_text() for ax in fig.axes for tx in ax.texts]
+    assert sorted(labels) == ["ln λ = -10 (sum form)", "ln λ = -5 (sum form)", "ln λ = 0 (sum form)"]
+    plt.close(fig)
 
 
 def test_polynomial_decomposition_matches_known_answer_for_m0():

@@ -4,17 +4,24 @@ L independent training sets D_1..D_L are drawn from t = f(x) + eps, f(x) = sin(2
 model is fitted per set. On n fixed test inputs x_i ~ U[0, 1] (E_x of eq. 16 as an average over them), with fresh
 test noise y_li = f(x_i) + eps_li for each set (and each configuration: the rows' checks are independent):
     fbar(x_i) = 1/L sum_l f_l(x_i)
-    bias^2    = 1/n sum_i (fbar(x_i) - f(x_i))^2
-    variance  = 1/n sum_i 1/L sum_l (f_l(x_i) - fbar(x_i))^2         (1/L: the plug-in variance, see below)
+    v(x_i)    = 1/(L-1) sum_l (f_l(x_i) - fbar(x_i))^2               (unbiased sample variance over the L fits)
+    variance  = 1/n sum_i v(x_i)
+    bias^2    = 1/n sum_i [(fbar(x_i) - f(x_i))^2 - v(x_i)/L]         (unbiased: may be < 0 when the bias is tiny)
     MSE       = 1/(nL) sum_{i,l} (y_li - f_l(x_i))^2                  (measured, like a test loss)
+Why not the plug-in estimates (1/n sum_i (fbar - f)^2 and the 1/L variance): fbar is a mean of L fits, so
+E (fbar - f)^2 = (E f_l - f)^2 + Var f_l / L: the plug-in bias^2 is inflated by variance/L, which dominates it
+where the variance is large (M = 9, L = 100: variance ~45, plug-in bias^2 0.47 against an unbiased 0.013), and the
+1/L variance is low by the same variance/L. The unbiased pair removes both; its sum is the plug-in sum exactly
+(bias^2 + variance = plug-in bias^2 - v/L + v = plug-in bias^2 + (L-1)/L v = plug-in bias^2 + plug-in variance),
+so the check below is unchanged. The plug-in values are kept as `bias2_plugin` / `variance_plugin`.
 Expanding (y - f_l)^2 = (f - f_l)^2 + 2 eps (f - f_l) + eps^2 and 1/L sum_l (f - f_l)^2 = (fbar - f)^2 + plug-in
-variance gives, exactly for these empirical averages,
+variance = bias^2 + variance (per x_i) gives, exactly for these empirical averages,
     MSE - (bias^2 + variance + sigma^2) = mean_{i,l} s_li,   s = (eps^2 - sigma^2) + 2 eps (f - f_l).
 Because the test noise is drawn independently of the fits, each s_li has mean 0 given the fits and the s_li are
 independent: the gap is pure sampling error of the test noise, with standard error SE = std(s) / sqrt(nL). The
 check is |gap| <= k SE (k = tolerance_se, default 4: a false alarm rate of ~6e-5 per row under normality).
-What the gap does *not* contain: bias^2 and variance as estimates of their population values (finite L inflates
-bias^2 by about variance/L, the 1/L variance deflates variance by the same amount); the two errors cancel in the sum.
+What the gap does *not* contain: the sampling error of bias^2 and variance as estimates of their population values
+(unbiased, but noisy where the variance is large or heavy-tailed, as at M = 9).
 
 (a) polynomial of order M (closed form, `ridge_lstsq` batched over the L sets) across M and across ln lambda;
 (b) one-hidden-layer MLPs across width: L `reglab.models.MLP`s per width, each initialized from its own seed, fused
@@ -56,17 +63,30 @@ def training_sets(n_sets: int, n: int, noise_std: float, seed: int, dtype=torch.
 
 
 def decompose(pred: torch.Tensor, f: torch.Tensor, y: torch.Tensor, sigma: float) -> dict[str, float]:
-    """pred, y: (L, n) predictions of the L fits and noisy test targets; f: (n,) the true function."""
+    """pred, y: (L, n) predictions of the L fits and noisy test targets; f: (n,) the true function.
+
+    bias2 and variance are the unbiased estimates (module docstring); bias2_plugin / variance_plugin the plug-in ones.
+    """
     pred, f, y = pred.double(), f.double(), y.double()
+    L = pred.shape[0]
+    if L < 2:
+        raise ValueError(f"decompose: need predictions of L >= 2 fits, got L = {L}")
     fbar = pred.mean(0)
-    bias2 = (fbar - f).pow(2).mean().item()
-    variance = (pred - fbar).pow(2).mean().item()
+    bias2_plugin = (fbar - f).pow(2).mean().item()
+    variance_plugin = (pred - fbar).pow(2).mean().item()
+    # Unbiased over the L sets: E[plug-in bias^2] = bias^2 + Var/L and E[plug-in variance] = (L-1)/L Var, so
+    #   variance = L/(L-1) plug-in variance,  bias^2 = plug-in bias^2 - variance/L;  bias^2 + variance = plug-in sum.
+    # bias^2 can come out slightly negative where the true bias^2 is below its sampling noise: kept as is (not
+    # clipped, which would bias it up again and break the sum); u_curve marks such points on a log axis.
+    variance = L / (L - 1) * variance_plugin
+    bias2 = bias2_plugin - variance / L
     mse = (y - pred).pow(2).mean().item()
     eps = y - f
     s = eps.pow(2) - sigma**2 + 2 * eps * (f - pred)
     total = bias2 + variance + sigma**2
     se = (s.std() / math.sqrt(s.numel())).item()
-    return {"bias2": bias2, "variance": variance, "noise": sigma**2, "sum": total, "mse": mse,
+    return {"bias2": bias2, "variance": variance, "bias2_plugin": bias2_plugin, "variance_plugin": variance_plugin,
+            "noise": sigma**2, "sum": total, "mse": mse,
             "gap": mse - total, "se": se, "gap_over_se": abs(mse - total) / se,
             "noise_measured": eps.pow(2).mean().item(),
             # the identity with the measured noise terms in place of sigma^2: zero up to rounding
@@ -196,16 +216,24 @@ def _run(cfg: DictConfig, b: DictConfig, rec: StudyRecorder) -> dict[str, float]
 def u_curve(d: pd.DataFrame, xlabel: str, sigma: float, L: int, logx: bool, title: str):
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     v = d["value"].to_numpy()
-    ax.plot(v, d["bias2"], "-", color="tab:blue", label="(bias)²")
-    ax.plot(v, d["variance"], "-", color="tab:red", label="variance")
+    bias2 = d["bias2"].to_numpy()  # the unbiased estimates (see decompose): bias² may be slightly < 0
+    ax.plot(v, bias2, "-", color="tab:blue", label="(bias)² (unbiased est.)")
+    ax.plot(v, d["variance"], "-", color="tab:red", label="variance (unbiased est.)")
     ax.plot(v, d["bias2"] + d["variance"], "-", color="tab:pink", label="(bias)² + variance")
     ax.plot(v, d["sum"], "-", color="k", lw=1, label="(bias)² + variance + σ²")
     ax.plot(v, d["mse"], "o", color="k", mfc="none", ms=5, label="measured test MSE")
     ax.axhline(sigma**2, color="gray", ls="--", lw=1, label="σ²")
     top = float(np.nanmax(d["mse"].to_numpy()))
-    ax.set(xlabel=xlabel, ylabel="error", yscale="log" if top > 20 * sigma**2 else "linear")
-    if ax.get_yscale() == "linear":
-        ax.set_ylim(0, None)
+    logy = top > 20 * sigma**2
+    ax.set(xlabel=xlabel, ylabel="error", yscale="log" if logy else "linear")
+    if not logy:
+        ax.set_ylim(bottom=min(0.0, float(np.nanmin(bias2))))
+    elif (bias2 <= 0).any():
+        # a log axis cannot show an estimate <= 0: mark those points at the axis floor instead of dropping them
+        floor = ax.get_ylim()[0]
+        ax.plot(v[bias2 <= 0], np.full(int((bias2 <= 0).sum()), floor), "v", color="tab:blue", ms=6, clip_on=False,
+                label="(bias)² estimate ≤ 0 (at axis floor)")
+        ax.set_ylim(bottom=floor)
     if logx:
         ax.set_xscale("log", base=2)
     ax.legend(frameon=False, fontsize=8)
@@ -225,7 +253,7 @@ def fits_figure(fits: dict[float, torch.Tensor], x_test: torch.Tensor, pm: DictC
             row[0].plot(grid, pred[k], color="tab:red", lw=0.7, alpha=0.8)
         row[1].plot(grid, target(grid), color="tab:green", lw=1.5, label="f(x) = sin(2πx)")
         row[1].plot(grid, pred.mean(0), color="tab:red", lw=1.5, label=f"mean of {L} fits")
-        row[0].text(0.97, 0.93, f"ln λ = {ln:g}", transform=row[0].transAxes, ha="right", va="top")
+        row[0].text(0.97, 0.93, f"ln λ = {ln:g} (sum form)", transform=row[0].transAxes, ha="right", va="top")
         for ax in row:
             ax.set(ylim=(-1.5, 1.5), xlim=(0, 1), xticks=[0, 1], yticks=[-1, 0, 1])
         row[0].set_ylabel("$t$")
