@@ -147,3 +147,43 @@ def test_compose_gives_what_hydra_composes(overrides):
     assert OmegaConf.to_yaml(got) == OmegaConf.to_yaml(expected)
     got.seed = 123  # a copy: the cached composition is not changed by a test
     assert compose(overrides).seed != 123 or "seed=123" in overrides
+
+
+def _sweep_axes() -> list[tuple[str, str, list[str]]]:
+    """(preset, key, each value it sweeps) for every axis of every conf/exp file's grid; an Optuna interval by its
+    two ends."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
+
+    parser = OverridesParser.create()
+    out = []
+    for path in sorted((CONF / "exp").glob("*.yaml")):
+        params = OmegaConf.select(OmegaConf.load(path), "hydra.sweeper.params") or {}
+        for key, value in params.items():
+            override = parser.parse_override(f"{key}={value}")
+            if isinstance(override.value(), IntervalSweep):
+                ends = [override.value().start, override.value().end]
+                values = [str(int(v) if isinstance(v, float) and key.endswith("width") else v) for v in ends]
+            else:
+                values = list(override.sweep_string_iterator())
+            out.append((path.stem, key, values))
+    return out
+
+
+AXES = _sweep_axes()
+
+
+@pytest.mark.parametrize("preset, key, values", AXES, ids=[f"{p}:{k}" for p, k, _ in AXES])
+def test_every_value_a_preset_sweeps_composes_validates_and_builds(preset, key, values):
+    """A preset's grid is expanded by Hydra only when the study starts: a misspelled option or a value that fails
+    validation would stop it midway (after the children before it trained). Each value, set alone on the preset."""
+    for value in values:
+        cfg = compose([f"+exp={preset}", f"{key}={value}"])
+        validate(cfg)
+        if cfg.runner._target_ != "reglab.train.run":
+            continue
+        model = cfg.model._target_.rsplit(".", 1)[-1]
+        net = build_model(cfg, SHAPES[model], 10)
+        regularizers = build_regularizers(cfg)
+        if not (isinstance(net, MLP) and RESNET_ONLY & set(cfg.get("regularization") or {})):
+            Classifier(net, optim=dict(cfg.optim), regularizers=regularizers)
