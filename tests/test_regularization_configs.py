@@ -24,16 +24,35 @@ def _learned(metrics, floor=0.4):
         assert k in metrics
 
 
-@pytest.mark.parametrize("name", REGULARIZATION)
-def test_regularization_config_trains(tmp_root, name):
+def _model(name: str) -> tuple[str, ...]:
+    return ("model=resnet18", "model.width=4", "data.train_size=300") if name in RESNET_ONLY else ()
+
+
+@pytest.fixture(scope="module")
+def unregularized(tmp_path_factory) -> dict:
+    """The same runs without a regularizer, per model: what each config must change."""
     from reglab.train import run
 
-    model = ("model=resnet18", "model.width=4", "data.train_size=300") if name in RESNET_ONLY else ()
-    cfg = compose(quick(tmp_root, f"regularization=[{name}]", *LEAN, *model))
+    return {resnet: run(compose(quick(tmp_path_factory.mktemp("none"), "regularization=[]", *LEAN,
+                                      *_model("stochastic_depth" if resnet else "l1"))))
+            for resnet in (False, True)}
+
+
+@pytest.mark.parametrize("name", REGULARIZATION)
+def test_regularization_config_trains(tmp_root, name, unregularized):
+    from reglab.train import run
+
+    # At 2 epochs SWA's default start (0.75) averages one snapshot, the final weights: both epochs here.
+    swa = ("regularization.swa.start=0",) if name == "swa" else ()
+    cfg = compose(quick(tmp_root, f"regularization=[{name}]", *LEAN, *_model(name), *swa))
     assert cfg.regularization, f"{name}.yaml must define at least one regularizer"
     metrics = run(cfg)
     if name not in RESNET_ONLY:
         _learned(metrics)
+    # It took effect: the run is not the unregularized one (same seed, data, order and initialization; on a CPU
+    # both are deterministic), in its training or its evaluation (EMA and SWA evaluate their average).
+    plain = unregularized[name in RESNET_ONLY]
+    assert (metrics["train/loss"], metrics["val/loss"]) != (plain["train/loss"], plain["val/loss"]), name
     for reg in cfg.regularization:  # config file name = dict key = metric suffix
         assert (f"train/penalty/{reg}" in metrics) == (reg in PENALTY)
         if reg in PENALTY:
