@@ -59,7 +59,9 @@ else:
 
 def guarded(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
     log = tmp_path / "network.json"
-    env = {k: v for k, v in train_env(NETWORK_LOG=str(log)).items() if k not in NO_NETWORK_VARS}
+    # Without proxy variables: behind a proxy the guard would record the proxy's host, not the one asked for.
+    env = {k: v for k, v in train_env(NETWORK_LOG=str(log)).items()
+           if k not in NO_NETWORK_VARS and not k.lower().endswith("_proxy")}
     r = subprocess.run([sys.executable, "-c", GUARD, *args], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=180)
     return r, json.loads(log.read_text())
