@@ -29,9 +29,11 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "tra
     others = [o for o in overrides if o not in values]
     cfg = None
     if not any(_overlap(o, v) for o in others for v in values if not _group(o)):  # else their order could matter
+        from hydra.errors import OverrideParseException
+
         try:
             cfg = with_values(_composed(config_name, tuple(others)), values)
-        except Exception:  # e.g. an override Hydra's parser refuses: Hydra's own composition reports it
+        except OverrideParseException:  # Hydra's own composition reports it (any other error is with_values' bug)
             pass
     return cfg if cfg is not None else copy.deepcopy(_composed(config_name, tuple(overrides)))
 
