@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 from conftest import CONF, compose
@@ -42,7 +44,8 @@ def test_each_job_process_sees_only_its_gpu(tmp_path):
         if sys.argv[1] == "hold":
             sys.stdin.read()  # holds its slot until the test closes its stdin (not a sleep that a slow machine outlasts)
     """)
-    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID") and not k.startswith("SUBMITIT_")}
     procs = [subprocess.Popen([sys.executable, "-c", code, "hold"], env=env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True) for _ in range(4)]
     seen = [p.stdout.readline().split() for p in procs]
@@ -56,15 +59,55 @@ def test_each_job_process_sees_only_its_gpu(tmp_path):
     assert extra.returncode != 0 and "launcher.jobs_per_gpu=2" in extra.stderr
 
 
-def test_no_gpu_claimed_for_cpu_jobs_or_under_slurm(tmp_path, monkeypatch):
-    monkeypatch.delenv(launcher.ENV_SLOT, raising=False)
+SUBMITIT = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+
+
+@pytest.fixture
+def job_process(monkeypatch, tmp_path):
+    """This process as a fresh job process: no slot, no SLURM or submitit variables, the default lock folder under
+    tmp_path; what assign_gpu sets is undone and the slots it holds are freed after the test."""
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_"))]:
+        monkeypatch.delenv(k)
+    for k in ("CUDA_VISIBLE_DEVICES", launcher.ENV_SLOT):
+        monkeypatch.setenv(k, "")  # recorded before the delenv: a value assign_gpu sets later is undone too
+        monkeypatch.delenv(k)
+    held = []
+    monkeypatch.setattr(launcher, "_held", held)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    yield
+    for f in held:
+        f.close()
+
+
+def test_no_gpu_claimed_for_cpu_jobs_or_under_the_submitit_launcher(job_process, tmp_path, monkeypatch):
     cfg = OmegaConf.create({"trainer": {"accelerator": "cpu"},
                             "launcher": {"gpus": [0], "jobs_per_gpu": 1, "lock_dir": str(tmp_path)}})
     assert launcher.assign_gpu(cfg) is None
     cfg.trainer.accelerator = "gpu"
-    monkeypatch.setenv("SLURM_JOB_ID", "123")
-    assert launcher.assign_gpu(cfg) is None
+    monkeypatch.setenv("SLURM_JOB_ID", "123")  # a SLURM job of its own, whose GPU SLURM chose
+    assert launcher.assign_gpu(cfg, SUBMITIT) is None
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # what submitit's job script exports
+    assert launcher.assign_gpu(cfg, "") is None
     assert not list(tmp_path.iterdir())
+
+
+def test_a_joblib_sweep_inside_a_slurm_allocation_spreads_its_jobs_over_the_allocations_gpus(job_process, tmp_path,
+                                                                                             monkeypatch):
+    # sbatch --gres=gpu:4, then a joblib sweep: SLURM_JOB_ID alone meant "claim nothing"; every job trained on GPU 0.
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    cfg = OmegaConf.create({"trainer": {"accelerator": "gpu"}, "launcher": {"gpus": "auto", "jobs_per_gpu": 1}})
+
+    def job_process_starts(visible: str) -> str | None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)  # the allocation's, inherited from sbatch
+        monkeypatch.delenv(launcher.ENV_SLOT, raising=False)
+        return launcher.assign_gpu(cfg, JOBLIB)
+
+    assert sorted(job_process_starts("0,1,2,3") for _ in range(4)) == ["0", "1", "2", "3"]
+    # Another allocation on this node: SLURM numbers its one GPU 0 too, a GPU that job 123's slots do not hold.
+    monkeypatch.setenv("SLURM_JOB_ID", "456")
+    assert job_process_starts("0") == "0"
+    assert {p.name for p in (tmp_path / f"reglab-gpu-slots-{os.getuid()}").iterdir()} == {"slurm-123", "slurm-456"}
 
 
 @pytest.mark.parametrize(("setting", "env", "expected"), [
@@ -75,11 +118,49 @@ def test_visible_gpus(setting, env, expected, monkeypatch):
     assert launcher.visible_gpus(setting) == expected
 
 
-def test_cpu_threads_split_the_cores(monkeypatch):
+def test_cpu_threads_split_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert launcher.cpu_threads("auto", 4) == 4
     assert launcher.cpu_threads("auto", 32) == 1
     assert launcher.cpu_threads(2, 4) == 2
+    # taskset -c 0 or a cgroup cpuset: os.cpu_count() still counts the machine's 16 CPUs.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert launcher.cpu_threads("auto", 1) == 1
+    # sbatch --cpus-per-task=4 on a cluster that does not bind CPUs: the affinity is the whole node.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert launcher.cpu_threads("auto", 2) == 2
+    assert launcher.joblib_jobs(-1) == 4 and launcher.joblib_jobs(-2) == 3 and launcher.joblib_jobs(None) == 1
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS
+    assert launcher.usable_cpus() == 16
+
+
+@pytest.mark.parametrize(("hydra_launcher", "cpus", "threads"), [
+    # A submitit job is an allocation of its own: its CPUs are its alone, whatever array_parallelism says.
+    ({"_target_": SUBMITIT, "array_parallelism": 64}, 8, 8),
+    ({"_target_": JOBLIB, "n_jobs": -1}, 4, 1),  # joblib's n_jobs=-1: one job per usable CPU
+])
+def test_a_job_gets_its_share_of_the_cpus_it_may_use(hydra_launcher, cpus, threads, job_process, tmp_path,
+                                                     monkeypatch):
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(mode=RunMode.MULTIRUN,
+                                                                                 launcher=hydra_launcher)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # SLURM's choice, or the machine's one GPU
+    got = []
+    monkeypatch.setattr(torch, "set_num_threads", got.append)
+    launcher.JobResources().on_job_start(compose(["trainer=gpu"]))
+    assert got == [threads]
+    # Under submitit nothing is claimed; under joblib the job holds a slot of its allocation's GPU 0.
+    assert (launcher.ENV_SLOT in os.environ) == (hydra_launcher["_target_"] == JOBLIB)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
 
 
 def test_ddp_inside_a_multirun_is_refused_with_one_line(tmp_path):

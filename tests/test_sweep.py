@@ -209,3 +209,20 @@ def test_grouping_composes_plain_value_jobs_as_hydra_does():
     full = [loader.load_sweep_config(config, job) for job in jobs]
     assert [identity(a) for a in fast] == [identity(b) for b in full]
     assert len({identity(a) for a in fast}) == len(jobs)
+
+
+@pytest.mark.parametrize(("launcher", "jobs"), [("slurm", 64), ("gpus", 1), ("basic", 1)])
+def test_auto_population_jobs_are_the_jobs_the_launcher_runs_at_once(launcher, jobs):
+    """population.jobs=auto read only joblib's n_jobs: under SLURM (submitit: array_parallelism) all the widths and
+    seeds of an MLP group became one population job, one GPU's, while the cluster ran nothing else of the sweep."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from reglab.population.sweeper import parallel_jobs
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = hydra_compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert parallel_jobs(cfg) == jobs
+    cfg.population.jobs = 3
+    assert parallel_jobs(cfg) == 3

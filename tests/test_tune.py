@@ -177,7 +177,11 @@ def test_a_key_the_config_lacks_fails_in_one_line_before_optuna_stores_anything(
     assert exp is None or client.search_runs([exp.experiment_id]) == []
 
 
-def test_sweeper_settings_are_checked_and_auto_jobs_follow_the_launcher():
+def test_sweeper_settings_are_checked_and_auto_jobs_follow_the_launcher(monkeypatch):
+    import os
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     from reglab.errors import ConfigError
@@ -186,6 +190,15 @@ def test_sweeper_settings_are_checked_and_auto_jobs_follow_the_launcher():
     cfg = OmegaConf.create({"seed": 0, "hydra": {"launcher": {"n_jobs": 3}}})
     assert jobs_at_once(cfg, "auto") == 3 and jobs_at_once(cfg, 5) == 5
     assert jobs_at_once(OmegaConf.create({"hydra": {"launcher": {}}}), "auto") == 1  # the basic launcher
+    # SLURM (submitit) has no n_jobs: auto meant one trial at a time however many jobs the cluster runs at once.
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        slurm = hydra_compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert jobs_at_once(slurm, "auto") == slurm.hydra.launcher.array_parallelism == 64
+    # joblib's -1: a job per CPU this process may use (taskset -c 0,1), not per CPU of the machine.
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert jobs_at_once(OmegaConf.create({"hydra": {"launcher": {"n_jobs": -1}}}), "auto") == 2
     with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.n_jobs=0"):
         jobs_at_once(cfg, 0)
     assert evaluation_seeds(cfg, OmegaConf.create({"seeds": [1, 2]})) == [1, 2]
@@ -234,3 +247,40 @@ def test_a_trial_sigterm_stopped_is_resumed_not_failed(tmp_path, empty_store, mo
     after = store(root)[2]
     assert [t.state for t in after] == [S.COMPLETE] * 3 and after[1].params == trials[1].params
 
+
+def test_a_resumed_study_draws_new_start_up_trials_not_the_first_runs_again(tmp_path, monkeypatch):
+    """Every run of the command built TPESampler(seed=0) anew: a resumed study's random start-up trials 3-5 had
+    trials 0-2's values. The sweep here is the plugin's own loop with a launcher whose jobs return at once."""
+    from types import SimpleNamespace
+
+    import optuna
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    class Launcher:
+        def launch(self, jobs, initial_job_idx):
+            return [SimpleNamespace(return_value=1.0) for _ in jobs]
+
+    def run(n_trials: int) -> None:
+        cfg = preset()
+        with open_dict(cfg):
+            cfg.paths.root, cfg.hydra.sweep.dir = str(tmp_path), str(tmp_path / "sweep")
+            cfg.hydra.sweeper.n_trials, cfg.hydra.sweeper.evaluate.seeds = n_trials, []
+        sweeper = instantiate(cfg.hydra.sweeper)
+        sweeper.config, sweeper.launcher = cfg, Launcher()
+        sweeper.validate_batch_is_legal = lambda batch: None  # needs Hydra's config loader; the keys are the preset's
+        sweeper.sweep([])
+
+    run(3)
+    run(6)
+    storage = f"sqlite:///{tmp_path}/mlruns/optuna.db"
+    [name] = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    assert len(trials) == 6
+    first, resumed = [t.params for t in trials[:3]], [t.params for t in trials[3:]]
+    assert not any(p in first for p in resumed), (first, resumed)
+    # A fresh study is drawn as before: seed 0 + 0 stored trials.
+    fresh = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=8, constant_liar=True))
+    assert [fresh.ask(preset_space()).params for _ in range(3)] == first

@@ -5,8 +5,13 @@ GPU packing (`launcher.jobs_per_gpu`): a job process claims one slot, (GPU g, sl
 exclusive flock on `<lock_dir>/gpu<g>-slot<s>.lock` for the rest of its life, and sets CUDA_VISIBLE_DEVICES=g
 before anything initializes CUDA (`JobResources.on_job_start` runs before the job's code). Launcher workers
 (joblib's loky processes) live across jobs and CUDA reads CUDA_VISIBLE_DEVICES once per process, so a process keeps
-its slot; the OS drops the lock when the process exits, even when it is killed. Under SLURM the scheduler sets
-CUDA_VISIBLE_DEVICES per job and nothing is claimed.
+its slot; the OS drops the lock when the process exits, even when it is killed. Under the submitit launcher
+(hydra/launcher=slurm) each job is a SLURM job of its own, SLURM sets its CUDA_VISIBLE_DEVICES, and nothing is
+claimed. A joblib sweep inside one SLURM allocation (sbatch --gres=gpu:4) claims slots among the allocation's GPUs,
+counted per $SLURM_JOB_ID: SLURM numbers each allocation's GPUs from 0, so two jobs on one node both see a GPU 0.
+
+CPU threads (`launcher.cpu_threads`) and joblib's n_jobs=-1 count the CPUs this process may use (`usable_cpus`), not
+the machine's.
 """
 
 from __future__ import annotations
@@ -64,11 +69,18 @@ def claim_gpu(gpus: list[str], jobs_per_gpu: int, lock_dir: Path) -> tuple[str, 
     )
 
 
-def assign_gpu(cfg: DictConfig) -> str | None:
-    """Give this job process its GPU (sets CUDA_VISIBLE_DEVICES); None when nothing is to be assigned."""
+def under_submitit(launcher_target: str = "") -> bool:
+    """Whether this job runs under a submitit launcher (hydra.launcher._target_, or the SUBMITIT_EXECUTOR its job
+    script exports): a job of its own, whose GPUs SLURM (or submitit's local executor) already chose."""
+    return "submitit" in launcher_target or "SUBMITIT_EXECUTOR" in os.environ
+
+
+def assign_gpu(cfg: DictConfig, launcher_target: str = "") -> str | None:
+    """Give this job process its GPU (sets CUDA_VISIBLE_DEVICES); None when nothing is to be assigned.
+    launcher_target: hydra.launcher._target_ of the sweep."""
     if ENV_SLOT in os.environ:
         return os.environ["CUDA_VISIBLE_DEVICES"]
-    if "SLURM_JOB_ID" in os.environ or cfg.trainer.get("accelerator") == "cpu":
+    if under_submitit(launcher_target) or cfg.trainer.get("accelerator") == "cpu":
         return None
     launcher = cfg.get("launcher") or {}
     gpus = visible_gpus(launcher.get("gpus", "auto"))
@@ -77,6 +89,8 @@ def assign_gpu(cfg: DictConfig) -> str | None:
     # One folder per user: another user's folder in /tmp is not ours to write (PermissionError), nor are their GPUs'
     # slots ours to count.
     lock_dir = Path(launcher.get("lock_dir") or Path(tempfile.gettempdir()) / f"reglab-gpu-slots-{os.getuid()}")
+    if os.environ.get("SLURM_JOB_ID"):  # another allocation's GPU 0 on this node is another GPU under the same name
+        lock_dir = lock_dir / f"slurm-{os.environ['SLURM_JOB_ID']}"
     per_gpu = launcher.get("jobs_per_gpu", 1)
     if not isinstance(per_gpu, int) or isinstance(per_gpu, bool):
         raise ConfigError(f"launcher.jobs_per_gpu={per_gpu!r} is invalid: expected an integer >= 1")
@@ -91,11 +105,40 @@ def assign_gpu(cfg: DictConfig) -> str | None:
     return gpu
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (taskset, a cgroup cpuset, SLURM's CPU binding), at most
+    $SLURM_CPUS_PER_TASK (an allocation without CPU binding leaves the affinity at the whole node). os.cpu_count()
+    counts the machine's."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no sched_getaffinity
+        n = os.cpu_count() or 1
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if slurm.isdigit() and int(slurm) > 0:
+        n = min(n, int(slurm))
+    return max(1, n)
+
+
+def joblib_jobs(n_jobs: Any) -> int:
+    """Job processes joblib runs at once for n_jobs: -1 = one per usable CPU, -2 = all but one, ...; unset: 1."""
+    n = int(n_jobs or 1)
+    return n if n > 0 else max(1, usable_cpus() + 1 + n)
+
+
+def launcher_parallelism(launcher: Any) -> int:
+    """Jobs a Hydra launcher (its hydra.launcher node) runs at once, wherever they run: joblib's n_jobs, submitit's
+    array_parallelism (SLURM jobs, each in an allocation of its own), else 1 (the basic launcher)."""
+    launcher = launcher or {}
+    if launcher.get("n_jobs") is not None:
+        return joblib_jobs(launcher.get("n_jobs"))
+    return max(1, int(launcher.get("array_parallelism") or 1))
+
+
 def cpu_threads(setting: Any, concurrent_jobs: int) -> int:
     """launcher.cpu_threads: `auto` = cores / jobs running at once (oversubscribed threads cost more than they
     give: 2 jobs x 2 threads on 2 cores run ~10x slower than 2 x 1), or a number."""
     if setting in (None, "auto"):
-        return max(1, (os.cpu_count() or 1) // max(1, concurrent_jobs))
+        return max(1, usable_cpus() // max(1, concurrent_jobs))
     if not isinstance(setting, int) or isinstance(setting, bool) or setting < 1:
         raise ConfigError(f"launcher.cpu_threads={setting!r} is invalid: expected auto or an integer >= 1")
     return setting
@@ -159,11 +202,12 @@ class JobResources(Callback):
             return
         from reglab.cli import stop
 
-        n_jobs = int(hc.launcher.get("n_jobs") or 1)  # joblib: -1 = all cores, -2 = all but one, ...
-        concurrent = n_jobs if n_jobs > 0 else (os.cpu_count() or 1) + 1 + n_jobs
+        # The jobs sharing this machine (or allocation): joblib's workers. Not submitit's array_parallelism, whose jobs
+        # each have an allocation of their own.
+        concurrent = joblib_jobs(hc.launcher.get("n_jobs"))
         try:
             refuse_ddp_in_multirun(config)
-            assign_gpu(config)
+            assign_gpu(config, str(hc.launcher.get("_target_") or ""))
             threads = cpu_threads((config.get("launcher") or {}).get("cpu_threads", "auto"), concurrent)
         except ConfigError as e:
             stop(e)

@@ -13,7 +13,10 @@ This one keeps its search-space grammar (`interval`, `tag(log, interval)`, `choi
 - a trial a killed sweep left RUNNING is launched again with its own parameters: the job is the same
   configuration, so reglab's run lookup finds its MLflow child done or resumes it from its checkpoint, and the
   trial is told its value under its own number;
-- trials go to the launcher `n_jobs` at a time (joblib: side by side), as any sweep's jobs;
+- trials go to the launcher as many at a time as it runs at once (joblib's n_jobs, side by side; submitit's
+  array_parallelism), as any sweep's jobs;
+- the sampler is seeded with its `seed` + the trials the study holds: a resumed study draws new start-up trials,
+  not the first run's again;
 - then, with `evaluate.seeds`, the best trial's parameters and the preset's own (untuned) values are trained with
   each of those seeds, in one launch: the report compares their test errors paired by seed.
 
@@ -23,6 +26,7 @@ sweep runs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -54,6 +58,14 @@ class OptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
                                                                 task_function=task_function)
 
+    def seeded_sampler(self, stored: int) -> Any:
+        """The sampler for a study that holds `stored` trials. A sampler built anew with the same seed replays the
+        first run's random start-up trials on every resume; seed + stored does not, and leaves a fresh study's seed."""
+        if not isinstance(self.sampler, functools.partial):  # an instance (a caller's own): its seed is the caller's
+            return self.sampler
+        seed = self.sampler.keywords.get("seed")
+        return self.sampler(seed=None if seed is None else seed + stored)
+
     def _launch(self, jobs: list[list[str]]) -> list:
         returns = self.launcher.launch(jobs, initial_job_idx=self.job_idx)
         self.job_idx += len(returns)
@@ -84,8 +96,10 @@ class OptunaSweeper(Sweeper):
         sweep_dir = Path(cfg.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
-        study = optuna.create_study(storage=storage, study_name=name, sampler=self.sampler,
+        # A stand-in sampler: the study's own is seeded from the number of trials it holds, known once it is loaded.
+        study = optuna.create_study(storage=storage, study_name=name, sampler=optuna.samplers.RandomSampler(),
                                     direction=self.direction, load_if_exists=True)
+        study.sampler = self.seeded_sampler(len(study.get_trials(deepcopy=False)))
         S = optuna.trial.TrialState
         resumed = []
         for t in study.get_trials(deepcopy=False, states=(S.RUNNING,)):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -231,7 +230,10 @@ def _is_leaf(cfg: DictConfig, key: str) -> bool:
 
 
 def parallel_jobs(config: DictConfig) -> int:
-    """population.jobs, or (auto) the launcher's jobs at once: joblib's n_jobs (-1 = all cores), else 1."""
+    """population.jobs, or (auto) the launcher's jobs at once: joblib's n_jobs (-1 = all usable CPUs), submitit's
+    array_parallelism (SLURM), else 1."""
+    from reglab.launcher import launcher_parallelism
+
     setting = OmegaConf.select(config, "population.jobs", default="auto")
     if setting != "auto":
         if isinstance(setting, bool) or not isinstance(setting, int):
@@ -239,9 +241,5 @@ def parallel_jobs(config: DictConfig) -> int:
 
             raise ConfigError(f"population.jobs={setting!r} is not a whole number of jobs or auto")
         return max(1, setting)
-    n = OmegaConf.select(config, "hydra.launcher.n_jobs", default=None)
-    if n is None:
-        return 1
-    n = int(n)
-    return n if n > 0 else max(1, (os.cpu_count() or 1) + 1 + n)
+    return launcher_parallelism(OmegaConf.select(config, "hydra.launcher", default=None))
 

@@ -29,7 +29,6 @@ summary/test_{err,loss}_diff_se, summary/eval_seeds).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -123,12 +122,12 @@ def study_name(cfg: DictConfig) -> str:
 
 
 def jobs_at_once(cfg: DictConfig, n_jobs: Any) -> int:
-    """hydra.sweeper.n_jobs: trials launched together; auto = the launcher's n_jobs (joblib; -1: every core), 1 for
-    a launcher without one."""
+    """hydra.sweeper.n_jobs: trials launched together; auto = the launcher's jobs at once (joblib's n_jobs, -1: every
+    usable CPU; submitit's array_parallelism), 1 for the basic launcher."""
     if n_jobs in (None, "auto"):
-        n_jobs = OmegaConf.select(cfg, "hydra.launcher.n_jobs", default=None) or 1
-        if isinstance(n_jobs, int) and n_jobs < 0:  # joblib: -1 = every core, -2 = all but one, ...
-            n_jobs = max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+        from reglab.launcher import launcher_parallelism
+
+        n_jobs = launcher_parallelism(OmegaConf.select(cfg, "hydra.launcher", default=None))
     if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs < 1:
         raise ConfigError(f"hydra.sweeper.n_jobs={n_jobs!r}: expected auto or an integer >= 1")
     return n_jobs
