@@ -166,7 +166,14 @@ def resume_point(cfg: DictConfig, run: Run, last: Path | None = None, reached: i
 def discard(cfg: DictConfig, run: Run, restart: bool = False) -> None:
     """Remove `run.stale` (and, with `restart`, the attempt `run` would have continued) from the store: a study
     child is deleted, so the parent holds each configuration once; a single run is marked KILLED with tag
-    reglab.superseded_by_rerun, never deleted. Without a resume, the run's checkpoint folder goes too."""
+    reglab.superseded_by_rerun, never deleted. Without a resume, the run's checkpoint folder goes too. Not on a DDP
+    rank other than 0: Lightning starts those by running the command again inside rank 0's fit, when rank 0's run
+    exists (RUNNING, no checkpoint yet): they would supersede it and delete its folder."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank > 0:
+        run.stale = []
+        return
     if restart and run.ckpt_path is not None:
         run.stale.append(run.run_id)
         run.run_id, run.ckpt_path, run.logged_epoch = None, None, -1
