@@ -14,12 +14,13 @@ import torch
 from conftest import compose, weights, with_store
 
 # Digits with noisy labels overfit in a few epochs; batch norm (running statistics are buffers a frozen member must
-# keep) and SGD with momentum (which moves a member whose gradient is zero). Seeds 0-2 stop in epochs 6, 7 and 5.
+# keep) and SGD with momentum (which moves a member whose gradient is zero). Seeds 0, 6 and 3 have their best
+# epochs at 3, 4 and 5 (three different stops; seeds 0-2 all stop at the same epoch since 2026-12-04's label draws).
 BASE = ["data=digits", "data.train_size=200", "data.batch_size=50", "data.label_noise=0.3", "data.val_fraction=0.3",
         "model.width=64", "model.depth=1", "model.norm=batch", "optim=sgd", "optim.lr=0.1", "optim.momentum=0.9",
         "trainer.max_epochs=12", "callbacks.early_stopping.patience=2", "callbacks.checkpoint.last_every_s=null",
         "callbacks.progress=null", "population.mode=on", "logger.experiment=es"]
-SEEDS = (0, 1, 2)
+SEEDS = (0, 6, 3)
 HISTORY = ("train/loss", "val/loss", "val/err", "params/l2", "train_eval/loss", "test/loss", "test/err")
 
 
@@ -309,7 +310,7 @@ from conftest import compose
 from reglab.population import stopping
 from reglab.population.train import train_population
 from reglab.runs import logger
-cfgs = [compose(sys.argv[2:] + [f"seed={s}"]) for s in (0, 1, 2)]
+cfgs = [compose(sys.argv[2:] + [f"seed={s}"]) for s in (0, 6, 3)]
 init = logger.RunLogger.__init__
 def flushing(self, *a, **k):
     init(self, *a, **k)
