@@ -112,10 +112,19 @@ def test_a_joblib_sweep_inside_a_slurm_allocation_spreads_its_jobs_over_the_allo
 
 @pytest.mark.parametrize(("setting", "env", "expected"), [
     ("auto", "2,5", ["2", "5"]), (3, None, ["0", "1", "2"]), ([1, 3], None, ["1", "3"]), ("auto", "", []),
+    # Under the shell's (or SLURM's) CUDA_VISIBLE_DEVICES a count and ids index its list, as CUDA numbers them.
+    (1, "4,6", ["4"]), ([1], "4,6", ["6"]), (2, "GPU-a1,GPU-b2", ["GPU-a1", "GPU-b2"]),
 ])
 def test_visible_gpus(setting, env, expected, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env) if env is not None else None
     assert launcher.visible_gpus(setting) == expected
+
+
+@pytest.mark.parametrize("setting", [3, [0, 2], ["4"]])
+def test_visible_gpus_outside_the_shells_list_is_one_line(setting, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    with pytest.raises(ConfigError, match=r"launcher.gpus=.* CUDA_VISIBLE_DEVICES='4,6' gives 2"):
+        launcher.visible_gpus(setting)
 
 
 def test_cpu_threads_split_the_cpus_this_process_may_use(monkeypatch):

@@ -33,19 +33,30 @@ _held: list[IO] = []  # open lock files of this process (closing one would free 
 
 
 def visible_gpus(setting: Any) -> list[str]:
-    """launcher.gpus: `auto` (CUDA_VISIBLE_DEVICES of the launching shell, else `nvidia-smi -L`), a count, or ids."""
+    """launcher.gpus: `auto` (CUDA_VISIBLE_DEVICES of the launching shell, else `nvidia-smi -L`), a count, or ids.
+    Under a CUDA_VISIBLE_DEVICES of the shell, a count takes its first GPUs and ids index its list, as CUDA and
+    Lightning's `devices` number them: the sweep never reaches a GPU the shell (or SLURM) did not give it."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shell = [g.strip() for g in env.split(",") if g.strip()] if env is not None else None
     if setting in (None, "auto"):
-        env = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if env is not None:
-            return [g for g in env.split(",") if g.strip()]
+        if shell is not None:
+            return shell
         try:  # without initializing CUDA, which would pin this process's device list
             out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             return []
         return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
     if isinstance(setting, int) and not isinstance(setting, bool):
-        return [str(i) for i in range(setting)]
-    return [str(g) for g in setting]
+        ids = list(range(setting))
+    else:
+        ids = list(setting)
+    if shell is None:
+        return [str(g) for g in ids]
+    bad = [g for g in ids if not isinstance(g, int) or isinstance(g, bool) or not 0 <= g < len(shell)]
+    if bad:
+        raise ConfigError(f"launcher.gpus={setting!r} asks for GPU(s) {bad} but CUDA_VISIBLE_DEVICES={env!r} gives "
+                          f"{len(shell)}: use indices 0..{len(shell) - 1} into that list, or auto")
+    return [shell[g] for g in ids]
 
 
 def claim_gpu(gpus: list[str], jobs_per_gpu: int, lock_dir: Path) -> tuple[str, IO]:
