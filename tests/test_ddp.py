@@ -1,6 +1,13 @@
-"""`trainer=ddp` on 2 CPU processes (gloo): one run completes, and MLflow holds it once, each epoch once."""
+"""`trainer=ddp` on 2 CPU processes (gloo): one run completes, and MLflow holds it once, each epoch once; a SIGTERM
+to one rank stops both at the same point."""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -34,3 +41,55 @@ def test_ddp_on_two_cpu_processes_logs_one_run(tmp_root, mlflow_uri):
     # Scored on all 359 test images (358 before: each rank's shard was trimmed to equal length): acc x 359 is a count.
     correct = run.data.metrics["test/acc"] * 359
     assert abs(correct - round(correct)) < 1e-3, correct
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_sigterm_to_one_rank_stops_both_together_and_the_rerun_continues(tmp_path, empty_store):
+    """SIGTERM reaches the ranks of a DDP job at their own moments, or (a user's `kill`) one rank only. Both ranks
+    must stop at the same point, writing last.ckpt together, and leave; before, the signalled rank stopped alone and
+    the other waited on it forever in the next collective."""
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    from conftest import with_store
+    from train_cli import SCRIPT, logged_epoch, train_env
+
+    root = with_store(tmp_path / "root", empty_store)
+    args = [str(SCRIPT), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=300",
+            "data=digits", "data.batch_size=32", "model.width=32", f"paths.root={root}", "logger.log_model=false",
+            f"hydra.run.dir={root}/run"]
+    env = train_env(CUDA_VISIBLE_DEVICES="")
+    with open(root / "preempted.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, *args], cwd=root, env=env, stdout=log, stderr=log,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while not list(root.glob("outputs/checkpoints/*/last.ckpt")) and proc.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(1.0)  # mid-run: ~0.1 s per epoch here, 300 epochs
+            assert proc.poll() is None, "the run ended before it could be preempted"
+            [rank1] = [p for p in psutil.Process(proc.pid).children() if "scripts/train.py" in " ".join(p.cmdline())]
+            rank1.send_signal(signal.SIGTERM)  # rank 1 only: rank 0 must learn it from rank 1
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    output = (root / "preempted.log").read_text()
+    assert proc.returncode == 143, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    stopped_at = logged_epoch(root)
+    assert 0 <= stopped_at < 250, output  # stopped, not finished
+    client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    [cut] = client.search_runs(experiments)
+    assert cut.info.status == "KILLED" and cut.data.tags.get("reglab.resumable") == "true"
+
+    rerun = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    [run] = client.search_runs(experiments)
+    assert run.info.run_id == cut.info.run_id and run.info.status == "FINISHED"  # continued, not started over
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == list(range(len(steps))) and len(steps) > stopped_at + 1  # each epoch once (early stopping on)

@@ -131,21 +131,39 @@ class Checkpoint(ModelCheckpoint):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_started_at = time.monotonic()
 
+    @staticmethod
+    def _on_any_rank(trainer, flag: bool) -> bool:
+        """`flag` of any rank, on every rank. A DDP run's ranks must stop at the same batch and write last.ckpt
+        together (its save ends in a barrier): a rank that stopped alone would leave the others waiting forever.
+        SIGTERM reaches each rank at its own moment (or, from a user's kill, only one)."""
+        if trainer.world_size <= 1:
+            return flag
+        return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    def _stop_requested(self, trainer) -> bool:
+        # The shared answer, not this rank's flag again: a signal that came since the vote counts at the next one.
+        stop = self._on_any_rank(trainer, preemption.requested())
+        if stop:
+            preemption.adopt()
+        return stop
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not preemption.requested():
+        if not self._stop_requested(trainer):
             return
         # Finish the epoch (an exact point to continue from) only if it ends inside the grace period.
         total = trainer.num_training_batches
         done = (batch_idx + 1) / total if total and total != float("inf") else 1.0
         left = (time.monotonic() - self._epoch_started_at) * (1 / done - 1)
+        why = None
         if preemption.at_once():
-            raise preemption.Preempted(f"stopped by a second Ctrl-C in epoch {trainer.current_epoch}; "
-                                       f"{self._resume_point()}")
-        if preemption.seconds_since() + 2 * left > self.stop_within_s:
-            raise preemption.Preempted(
-                f"stopped by {preemption.name()} in epoch {trainer.current_epoch} (it would not end within "
-                f"stop_within_s={self.stop_within_s:g} s); {self._resume_point()}")
+            why = f"stopped by a second Ctrl-C in epoch {trainer.current_epoch}"
+        elif preemption.seconds_since() + 2 * left > self.stop_within_s:
+            why = (f"stopped by {preemption.name()} in epoch {trainer.current_epoch} (it would not end within "
+                   f"stop_within_s={self.stop_within_s:g} s)")
+        if self._on_any_rank(trainer, why is not None):  # each rank's clock and estimate differ: stop together
+            why = why or f"stopped with another rank in epoch {trainer.current_epoch}"
+            raise preemption.Preempted(f"{why}; {self._resume_point()}")
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -164,15 +182,16 @@ class Checkpoint(ModelCheckpoint):
         monitor_candidates = self._monitor_candidates(trainer)
         if self._due(trainer):
             self._save_topk_checkpoint(trainer, monitor_candidates)
+        stopping = self._stop_requested(trainer)
         if not self.save_last:
-            if preemption.requested():
+            if stopping:
                 raise preemption.Preempted(f"stopped by {preemption.name()} after epoch {trainer.current_epoch} "
                                            "(callbacks.checkpoint.save_last=false: no checkpoint to continue from)")
             return
         linked = self._last_global_step_saved == trainer.global_step and self._link_last(trainer, monitor_candidates)
-        stopping = preemption.requested()
-        if not linked and (stopping or self._due(trainer) and
-                           time.monotonic() - self._last_written_at >= self.last_every_s):
+        # On every rank or none (the interval is each rank's own clock), as in _on_any_rank.
+        if self._on_any_rank(trainer, not linked and (stopping or self._due(trainer) and
+                                                      time.monotonic() - self._last_written_at >= self.last_every_s)):
             self._save_last_checkpoint(trainer, monitor_candidates)
         if stopping:
             raise preemption.Preempted(f"stopped by {preemption.name()} after epoch {trainer.current_epoch}; "

@@ -163,6 +163,13 @@ def reset() -> None:
     _previous.clear()
 
 
+def adopt() -> None:
+    """Another rank of this DDP run was asked to stop: this process stops with it, as if the signal had come here."""
+    global _requested_at
+    if _requested_at is None:
+        _requested_at = time.monotonic()
+
+
 def check(what: str) -> None:
     """Raise Preempted before starting `what` after SIGTERM or Ctrl-C."""
     if requested():
