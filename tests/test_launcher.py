@@ -180,6 +180,19 @@ def test_ddp_inside_a_multirun_is_refused_with_one_line(tmp_path):
     assert "Launching jobs" not in out.stdout + out.stderr  # refused before any job started
 
 
+def test_more_jobs_at_once_than_gpu_slots_is_one_line_before_any_job(tmp_path, monkeypatch):
+    # Before: the sweep started, and every job past the slots failed on its own ("all ... slots are taken").
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    out = train_cli("-m", "trainer=gpu", "hydra/launcher=gpus", "hydra.launcher.n_jobs=3", "launcher.gpus=[0]",
+                    "launcher.jobs_per_gpu=2", "model.width=4,8,16", "logger=none", f"paths.root={tmp_path}",
+                    f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == ("error: hydra.launcher.n_jobs=3 runs 3 jobs at once on 1 GPU(s) x "
+                                                   "launcher.jobs_per_gpu=2 slots; lower n_jobs or raise "
+                                                   "launcher.jobs_per_gpu")
+    assert "Launching jobs" not in out.stdout + out.stderr
+
+
 def test_a_job_that_cannot_start_stops_the_sweep_with_one_line(monkeypatch, capsys):
     """Hydra turns an exception raised in a callback into a warning and starts the job anyway (a DDP job would
     re-launch the sweep; a job without a GPU slot would share one): JobResources exits instead."""

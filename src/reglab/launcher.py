@@ -200,9 +200,33 @@ def refuse_ddp_in_multirun(cfg: DictConfig) -> None:
                           "trainer.devices=1 and launcher.jobs_per_gpu")
 
 
+def check_gpu_slots(cfg: DictConfig, hydra_launcher: Any) -> None:
+    """In the launching process, before any job: a joblib sweep that runs more jobs at once than there are GPU
+    slots would start the extra jobs only for each to fail on finding every slot taken."""
+    launcher_node = hydra_launcher or {}
+    if under_submitit(str(launcher_node.get("_target_") or "")) or cfg.trainer.get("accelerator") == "cpu":
+        return
+    settings = cfg.get("launcher") or {}
+    gpus = visible_gpus(settings.get("gpus", "auto"))
+    per_gpu = settings.get("jobs_per_gpu", 1)
+    at_once = joblib_jobs(launcher_node.get("n_jobs"))
+    if gpus and isinstance(per_gpu, int) and at_once > len(gpus) * per_gpu:
+        raise ConfigError(f"hydra.launcher.n_jobs={launcher_node.get('n_jobs')} runs {at_once} jobs at once on "
+                          f"{len(gpus)} GPU(s) x launcher.jobs_per_gpu={per_gpu} slots; lower n_jobs or raise "
+                          "launcher.jobs_per_gpu")
+
+
 class JobResources(Callback):
     """Hydra callback (conf/train.yaml): in a multirun, each job gets its GPU slot and its share of CPU threads
     before its code runs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from reglab.cli import stop
+
+        try:
+            check_gpu_slots(config, config.hydra.get("launcher"))
+        except ConfigError as e:
+            stop(e)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
