@@ -48,7 +48,7 @@ def test_ddp_on_two_cpu_processes_logs_one_run(tmp_root, mlflow_uri):
 def test_sigterm_to_one_rank_stops_both_together_and_the_rerun_continues(tmp_path, empty_store):
     """SIGTERM reaches the ranks of a DDP job at their own moments, or (a user's `kill`) one rank only. Both ranks
     must stop at the same point, writing last.ckpt together, and leave; before, the signalled rank stopped alone and
-    the other waited on it forever in the next collective."""
+    rank 0 crashed in its next collective or waited forever at the checkpoint's barrier."""
     import psutil
     from mlflow.tracking import MlflowClient
 
@@ -56,9 +56,9 @@ def test_sigterm_to_one_rank_stops_both_together_and_the_rerun_continues(tmp_pat
     from train_cli import SCRIPT, logged_epoch, train_env
 
     root = with_store(tmp_path / "root", empty_store)
-    args = [str(SCRIPT), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=300",
-            "data=digits", "data.batch_size=32", "model.width=32", f"paths.root={root}", "logger.log_model=false",
-            f"hydra.run.dir={root}/run"]
+    args = [str(SCRIPT), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=120",
+            "callbacks.early_stopping=null", "data=digits", "data.batch_size=32", "model.width=32",
+            f"paths.root={root}", "logger.log_model=false", f"hydra.run.dir={root}/run"]
     env = train_env(CUDA_VISIBLE_DEVICES="")
     with open(root / "preempted.log", "w") as log:
         proc = subprocess.Popen([sys.executable, *args], cwd=root, env=env, stdout=log, stderr=log,
@@ -68,7 +68,7 @@ def test_sigterm_to_one_rank_stops_both_together_and_the_rerun_continues(tmp_pat
             while not list(root.glob("outputs/checkpoints/*/last.ckpt")) and proc.poll() is None \
                     and time.monotonic() < deadline:
                 time.sleep(0.05)
-            time.sleep(1.0)  # mid-run: ~0.1 s per epoch here, 300 epochs
+            time.sleep(1.0)  # mid-run: ~0.1 s per epoch here, 120 epochs
             assert proc.poll() is None, "the run ended before it could be preempted"
             [rank1] = [p for p in psutil.Process(proc.pid).children() if "scripts/train.py" in " ".join(p.cmdline())]
             rank1.send_signal(signal.SIGTERM)  # rank 1 only: rank 0 must learn it from rank 1
@@ -80,8 +80,11 @@ def test_sigterm_to_one_rank_stops_both_together_and_the_rerun_continues(tmp_pat
     output = (root / "preempted.log").read_text()
     assert proc.returncode == 143, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+    # One line, from rank 0; rank 1 leaves quietly with status 0 (Lightning's launcher kills rank 0 when another rank
+    # exits non-zero, perhaps before rank 0 has marked its run resumable).
+    assert output.count("preempted: stopped by SIGTERM") == 1, output[-3000:]
     stopped_at = logged_epoch(root)
-    assert 0 <= stopped_at < 250, output  # stopped, not finished
+    assert 0 <= stopped_at < 110, output  # stopped, not finished
     client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
     [cut] = client.search_runs(experiments)
@@ -91,5 +94,4 @@ def test_sigterm_to_one_rank_stops_both_together_and_the_rerun_continues(tmp_pat
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     [run] = client.search_runs(experiments)
     assert run.info.run_id == cut.info.run_id and run.info.status == "FINISHED"  # continued, not started over
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert steps == list(range(len(steps))) and len(steps) > stopped_at + 1  # each epoch once (early stopping on)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(120))

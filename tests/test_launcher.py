@@ -114,16 +114,23 @@ def test_a_joblib_sweep_inside_a_slurm_allocation_spreads_its_jobs_over_the_allo
     ("auto", "2,5", ["2", "5"]), (3, None, ["0", "1", "2"]), ([1, 3], None, ["1", "3"]), ("auto", "", []),
     # Under the shell's (or SLURM's) CUDA_VISIBLE_DEVICES a count and ids index its list, as CUDA numbers them.
     (1, "4,6", ["4"]), ([1], "4,6", ["6"]), (2, "GPU-a1,GPU-b2", ["GPU-a1", "GPU-b2"]),
+    ("0,2", None, ["0", "2"]), ("1", "4,6", ["6"]), (["GPU-a1"], None, ["GPU-a1"]),
 ])
 def test_visible_gpus(setting, env, expected, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env) if env is not None else None
     assert launcher.visible_gpus(setting) == expected
 
 
-@pytest.mark.parametrize("setting", [3, [0, 2], ["4"]])
-def test_visible_gpus_outside_the_shells_list_is_one_line(setting, monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
-    with pytest.raises(ConfigError, match=r"launcher.gpus=.* CUDA_VISIBLE_DEVICES='4,6' gives 2"):
+@pytest.mark.parametrize(("setting", "env", "message"), [
+    (3, "4,6", "CUDA_VISIBLE_DEVICES='4,6' gives 2"), ([0, 2], "4,6", "asks for GPU.s. .2."),
+    (["GPU-x"], "4,6", "asks for GPU.s. .'GPU-x'."), ([0], "", "CUDA_VISIBLE_DEVICES='' hides every GPU"),
+    (True, None, "launcher.gpus=True is invalid"), (1.5, None, "launcher.gpus=1.5 is invalid"),
+])
+def test_a_gpu_setting_that_cannot_be_honoured_is_one_line(setting, env, message, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    if env is not None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
+    with pytest.raises(ConfigError, match=message):
         launcher.visible_gpus(setting)
 
 
@@ -183,14 +190,18 @@ def test_ddp_inside_a_multirun_is_refused_with_one_line(tmp_path):
 def test_more_jobs_at_once_than_gpu_slots_is_one_line_before_any_job(tmp_path, monkeypatch):
     # Before: the sweep started, and every job past the slots failed on its own ("all ... slots are taken").
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    out = train_cli("-m", "trainer=gpu", "hydra/launcher=gpus", "hydra.launcher.n_jobs=3", "launcher.gpus=[0]",
-                    "launcher.jobs_per_gpu=2", "model.width=4,8,16", "logger=none", f"paths.root={tmp_path}",
+    out = train_cli("-m", "trainer=gpu", "hydra/launcher=gpus", "hydra.launcher.n_jobs=8", "launcher.gpus=[0]",
+                    "launcher.jobs_per_gpu=2", "model.width=4,8,16", f"paths.root={tmp_path}",
                     f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == ("error: hydra.launcher.n_jobs=3 runs 3 jobs at once on 1 GPU(s) x "
-                                                   "launcher.jobs_per_gpu=2 slots; lower n_jobs or raise "
-                                                   "launcher.jobs_per_gpu")
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: hydra.launcher.n_jobs=8 runs 3 of the 3 jobs at once on 1 GPU(s) x launcher.jobs_per_gpu=2 slots; "
+        "lower n_jobs or raise launcher.jobs_per_gpu")
     assert "Launching jobs" not in out.stdout + out.stderr
+    assert not list((tmp_path / "sweep").glob("*/"))  # no job folder
+    # An n_jobs larger than the sweep needs is no error: 2 jobs fit 1 GPU x 2 slots.
+    assert launcher.check_gpu_slots(compose(["trainer=gpu", "launcher.gpus=[0]", "launcher.jobs_per_gpu=2"]),
+                                    {"n_jobs": 8}, 2) is None
 
 
 def test_a_job_that_cannot_start_stops_the_sweep_with_one_line(monkeypatch, capsys):

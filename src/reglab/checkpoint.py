@@ -96,6 +96,24 @@ def hard_link(source, path) -> bool:
     return True
 
 
+def on_any_rank(trainer, flag: bool) -> bool:
+    """`flag` of any rank, on every rank. A DDP run's ranks must stop at the same batch and write last.ckpt together
+    (its save ends in a barrier): a rank that stopped alone would leave the others waiting forever, or crash them.
+    SIGTERM reaches each rank at its own moment (or, from a user's kill, only one)."""
+    if trainer.world_size <= 1:
+        return flag
+    return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+
+def stop_requested(trainer) -> bool:
+    """Whether any rank was asked to stop; a rank that was not adopts the request. The shared answer, not this
+    rank's flag read again: a signal that came since the vote counts at the next one."""
+    stop = on_any_rank(trainer, preemption.requested())
+    if stop:
+        preemption.adopt()
+    return stop
+
+
 class Checkpoint(ModelCheckpoint):
     def __init__(self, *args, last_every_s: float | None = None, stop_within_s: float | None = 20.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -131,25 +149,9 @@ class Checkpoint(ModelCheckpoint):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_started_at = time.monotonic()
 
-    @staticmethod
-    def _on_any_rank(trainer, flag: bool) -> bool:
-        """`flag` of any rank, on every rank. A DDP run's ranks must stop at the same batch and write last.ckpt
-        together (its save ends in a barrier): a rank that stopped alone would leave the others waiting forever.
-        SIGTERM reaches each rank at its own moment (or, from a user's kill, only one)."""
-        if trainer.world_size <= 1:
-            return flag
-        return bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
-
-    def _stop_requested(self, trainer) -> bool:
-        # The shared answer, not this rank's flag again: a signal that came since the vote counts at the next one.
-        stop = self._on_any_rank(trainer, preemption.requested())
-        if stop:
-            preemption.adopt()
-        return stop
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not self._stop_requested(trainer):
+        if not stop_requested(trainer):
             return
         # Finish the epoch (an exact point to continue from) only if it ends inside the grace period.
         total = trainer.num_training_batches
@@ -161,7 +163,7 @@ class Checkpoint(ModelCheckpoint):
         elif preemption.seconds_since() + 2 * left > self.stop_within_s:
             why = (f"stopped by {preemption.name()} in epoch {trainer.current_epoch} (it would not end within "
                    f"stop_within_s={self.stop_within_s:g} s)")
-        if self._on_any_rank(trainer, why is not None):  # each rank's clock and estimate differ: stop together
+        if on_any_rank(trainer, why is not None):  # each rank's clock and estimate differ: stop together
             why = why or f"stopped with another rank in epoch {trainer.current_epoch}"
             raise preemption.Preempted(f"{why}; {self._resume_point()}")
 
@@ -182,7 +184,7 @@ class Checkpoint(ModelCheckpoint):
         monitor_candidates = self._monitor_candidates(trainer)
         if self._due(trainer):
             self._save_topk_checkpoint(trainer, monitor_candidates)
-        stopping = self._stop_requested(trainer)
+        stopping = stop_requested(trainer)
         if not self.save_last:
             if stopping:
                 raise preemption.Preempted(f"stopped by {preemption.name()} after epoch {trainer.current_epoch} "
@@ -190,7 +192,7 @@ class Checkpoint(ModelCheckpoint):
             return
         linked = self._last_global_step_saved == trainer.global_step and self._link_last(trainer, monitor_candidates)
         # On every rank or none (the interval is each rank's own clock), as in _on_any_rank.
-        if self._on_any_rank(trainer, not linked and (stopping or self._due(trainer) and
+        if on_any_rank(trainer, not linked and (stopping or self._due(trainer) and
                                                       time.monotonic() - self._last_written_at >= self.last_every_s)):
             self._save_last_checkpoint(trainer, monitor_candidates)
         if stopping:

@@ -202,6 +202,10 @@ def run_job(task: Callable[[Any], Any], cfg: Any, conf_dir: Path) -> Any:
     except preemption.Preempted as e:  # not a failure: the launching process says so once at the end
         progress.job_ended(None, str(e), stopped=True)
         job = _multirun_job()
+        if job is None and _ddp_rank() > 0:
+            # Rank 0 stopped at the same point (reglab.checkpoint) and reports it. Exit 0: Lightning's launcher
+            # SIGKILLs rank 0 once another rank exits non-zero, maybe before rank 0 has marked its run resumable.
+            sys.exit(0)
         print(f"preempted: {job[0] + ': ' if job else ''}{e}", file=sys.stderr, flush=True)
         if job is None:
             sys.exit(preemption.exit_status())
@@ -216,6 +220,13 @@ def run_job(task: Callable[[Any], Any], cfg: Any, conf_dir: Path) -> Any:
             fail(line)
         job_failed(line)
         return None
+
+
+def _ddp_rank() -> int:
+    """This process's DDP rank (0 outside DDP), as Lightning set it (as reglab.runs.lookup reads it)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
 
 
 def job_failed(line: str) -> None:

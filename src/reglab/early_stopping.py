@@ -103,7 +103,8 @@ class StopBelow(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.last = mean_loss(pl_module, self.dm, self.x, self.y)
-        if self.last <= self.target:
+        # DDP: one rank's float rounding must not stop it alone (Lightning does not share should_stop)
+        if trainer.strategy.reduce_boolean_decision(self.last <= self.target, all=False):
             trainer.should_stop = True
 
 

@@ -46,16 +46,19 @@ def visible_gpus(setting: Any) -> list[str]:
         except (OSError, subprocess.SubprocessError):
             return []
         return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
-    if isinstance(setting, int) and not isinstance(setting, bool):
-        ids = list(range(setting))
-    else:
-        ids = list(setting)
+    if isinstance(setting, str):  # "0,1" from a command line or an environment variable
+        setting = [g.strip() for g in setting.split(",") if g.strip()]
+    if isinstance(setting, bool) or not isinstance(setting, (int, list, tuple, ListConfig)):
+        raise ConfigError(f"launcher.gpus={setting!r} is invalid: expected auto, a count or a list of GPU ids")
+    ids = list(range(setting)) if isinstance(setting, int) else [int(g) if str(g).isdigit() else g for g in setting]
     if shell is None:
         return [str(g) for g in ids]
     bad = [g for g in ids if not isinstance(g, int) or isinstance(g, bool) or not 0 <= g < len(shell)]
     if bad:
-        raise ConfigError(f"launcher.gpus={setting!r} asks for GPU(s) {bad} but CUDA_VISIBLE_DEVICES={env!r} gives "
-                          f"{len(shell)}: use indices 0..{len(shell) - 1} into that list, or auto")
+        given = f"gives {len(shell)}: use indices 0..{len(shell) - 1} into that list, or auto" if shell else \
+            "hides every GPU"
+        raise ConfigError(f"launcher.gpus={list(ids) if not isinstance(setting, int) else setting!r} asks for GPU(s) "
+                          f"{bad} but CUDA_VISIBLE_DEVICES={env!r} {given}")
     return [shell[g] for g in ids]
 
 
@@ -200,33 +203,25 @@ def refuse_ddp_in_multirun(cfg: DictConfig) -> None:
                           "trainer.devices=1 and launcher.jobs_per_gpu")
 
 
-def check_gpu_slots(cfg: DictConfig, hydra_launcher: Any) -> None:
-    """In the launching process, before any job: a joblib sweep that runs more jobs at once than there are GPU
-    slots would start the extra jobs only for each to fail on finding every slot taken."""
+def check_gpu_slots(cfg: DictConfig, hydra_launcher: Any, jobs: int) -> None:
+    """In the launching process, before any job (reglab's sweeper): a joblib sweep that would run more jobs at once
+    than there are GPU slots would start the extra jobs only for each to fail on finding every slot taken."""
     launcher_node = hydra_launcher or {}
     if under_submitit(str(launcher_node.get("_target_") or "")) or cfg.trainer.get("accelerator") == "cpu":
         return
     settings = cfg.get("launcher") or {}
     gpus = visible_gpus(settings.get("gpus", "auto"))
     per_gpu = settings.get("jobs_per_gpu", 1)
-    at_once = joblib_jobs(launcher_node.get("n_jobs"))
+    at_once = min(joblib_jobs(launcher_node.get("n_jobs")), jobs)
     if gpus and isinstance(per_gpu, int) and at_once > len(gpus) * per_gpu:
-        raise ConfigError(f"hydra.launcher.n_jobs={launcher_node.get('n_jobs')} runs {at_once} jobs at once on "
-                          f"{len(gpus)} GPU(s) x launcher.jobs_per_gpu={per_gpu} slots; lower n_jobs or raise "
+        raise ConfigError(f"hydra.launcher.n_jobs={launcher_node.get('n_jobs')} runs {at_once} of the {jobs} jobs at "
+                          f"once on {len(gpus)} GPU(s) x launcher.jobs_per_gpu={per_gpu} slots; lower n_jobs or raise "
                           "launcher.jobs_per_gpu")
 
 
 class JobResources(Callback):
     """Hydra callback (conf/train.yaml): in a multirun, each job gets its GPU slot and its share of CPU threads
     before its code runs."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from reglab.cli import stop
-
-        try:
-            check_gpu_slots(config, config.hydra.get("launcher"))
-        except ConfigError as e:
-            stop(e)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from reglab import early_stopping, launcher, performance, preemption
+from reglab.checkpoint import stop_requested
 from reglab.classifier import Classifier
 from reglab.config import validate
 from reglab.data import augmentation, device_augment
@@ -217,6 +218,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     use_best = trainer.early_stopping_callback is not None and trainer.checkpoint_callback is not None \
         and bool(trainer.checkpoint_callback.best_model_path)
     with preemption.keeping([logger]):
+        stop_requested(trainer)  # DDP: every rank stops here if any was asked to (the test pass is collective)
         preemption.check(f"{run.name}'s test pass")  # last.ckpt holds the trained weights: the rerun only tests
         trainer.test(module, datamodule=dm, ckpt_path="best" if use_best else None, verbose=False, weights_only=True)
     metrics = {**fit_metrics, **{k: float(v) for k, v in trainer.callback_metrics.items() if k != "step"}}

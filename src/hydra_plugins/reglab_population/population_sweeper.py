@@ -35,6 +35,9 @@ class PopulationSweeper(BasicSweeper):
             tic = time.perf_counter()
             self.validate_batch_is_legal(jobs)  # composition errors before any job starts
             log.debug("validated %d jobs in %.2f s", len(jobs), time.perf_counter() - tic)
+            from reglab.launcher import check_gpu_slots
+
+            check_gpu_slots(self.config, self.config.hydra.launcher, len(jobs))
         except Exception:
             # Refused before any job ran (a setting it cannot honour, a job that does not compose): the study's
             # parent, opened at the start of the multirun, would stay in the store RUNNING and empty.
