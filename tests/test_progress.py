@@ -66,6 +66,20 @@ def test_the_state_machine_counts_members_shows_running_jobs_and_the_time_left()
         "sweep: 4/4 members in 1m00s (1 done before), 1 FAILED | report: results/x"
 
 
+def test_a_stopped_job_that_submitit_requeues_counts_its_members_once():
+    sweep = Sweep(GRID[:1], SWEPT, epochs=10, start=100.0)
+    sweep.apply({"ev": "job", "job": 0, "t": 101.0, "members": [member(8, 0)]})
+    stop = "stopped by SIGUSR2 (submitit: the job's time limit or preemption) after epoch 6; rerun the same command"
+    assert sweep.apply({"ev": "end", "job": 0, "t": 110.0, "metrics": None, "error": stop, "stopped": True}) == [
+        "model.width=8 seed=0  stopped by SIGUSR2 (submitit: the job's time limit or preemption) after epoch 6 "
+        "(the rerun continues it)  [1/1]"]
+    # The requeued job starts again and finishes: one member, done (before: 0/1 members, 1 stopped).
+    sweep.apply({"ev": "job", "job": 0, "t": 112.0, "members": [member(8, 0)]})
+    assert sweep.apply({"ev": "end", "job": 0, "t": 120.0, "metrics": {"test/err": 0.25}, "error": None}) == \
+        ["model.width=8 seed=0  test/err=0.2500  8s  [1/1]"]
+    assert sweep.final_line(now=130.0) == "sweep: 1/1 members in 30s"
+
+
 def test_events_of_an_earlier_sweep_or_a_killed_worker_are_not_read(tmp_path):
     path = tmp_path / progress.EVENTS
     old = Job(path, 0, [*COMMON, "model.width=8", "seed=0"], tmp_path / "0")

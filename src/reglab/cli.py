@@ -207,6 +207,7 @@ def run_job(task: Callable[[Any], Any], cfg: Any, conf_dir: Path) -> Any:
             # SIGKILLs rank 0 once another rank exits non-zero, maybe before rank 0 has marked its run resumable.
             sys.exit(0)
         print(f"preempted: {job[0] + ': ' if job else ''}{e}", file=sys.stderr, flush=True)
+        preemption.hand_back()  # submitit's time-limit signal: it requeues the job, which continues the runs
         if job is None:
             sys.exit(preemption.exit_status())
         preemption.exit_fast()

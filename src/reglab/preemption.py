@@ -16,6 +16,8 @@ Every process of a run or sweep keeps what it trained and leaves within the grac
   `reglab.resumable` (reglab/runs/lookup.py continues it). The command exits with status 128 + the signal (143 for
   SIGTERM, 130 for Ctrl-C) after one line; the same command (or a SLURM requeue of it) continues every unfinished run,
   each epoch logged once.
+- In a job of submitit (hydra/launcher=slurm), its time-limit warning (SIGUSR2, `submitit_signal`) is a stop request
+  too; once the runs are kept, `hand_back` gives the signal to submitit's handler, which requeues the job.
 """
 
 from __future__ import annotations
@@ -46,7 +48,31 @@ def requested() -> bool:
 
 def name() -> str:
     """What asked this process to stop, for messages."""
-    return "Ctrl-C" if _signal == signal.SIGINT else "SIGTERM"
+    if _signal == signal.SIGINT:
+        return "Ctrl-C"
+    if _signal == submitit_signal():
+        return f"{signal.Signals(_signal).name} (submitit: the job's time limit or preemption)"
+    return signal.Signals(_signal).name
+
+
+def submitit_signal() -> int | None:
+    """In a job of submitit (hydra/launcher=slurm): the signal its scheduler sends before the time limit or a
+    preemption (SUBMITIT_PREEMPT_SIGNAL, USR2 by default; SLURM's --signal, signal_delay_s ahead), on which submitit
+    requeues the job. None elsewhere."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return None
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").removeprefix("SIG"), None)
+
+
+def hand_back() -> None:
+    """After a stop by submitit's signal has kept every run resumable (last.ckpt written, runs KILLED with
+    reglab.resumable): submitit's own handler, which requeues the job (up to max_num_timeout times) and exits the
+    process; the requeued job continues the runs. Before reglab took the signal, submitit's handler ran mid-step and
+    exited at once: Lightning marked the run FAILED and every requeued attempt started over from epoch 0."""
+    sig = submitit_signal()
+    previous = _previous.get(sig) if sig is not None and requested() and _signal == sig else None
+    if callable(previous):
+        previous(sig, None)
 
 
 def exit_status() -> int:
@@ -143,8 +169,11 @@ def install(launcher: bool = False, sigint: bool = True) -> None:
     global _launcher_pid
     if launcher:
         _launcher_pid = os.getpid()
+    signals = [signal.SIGTERM, signal.SIGINT] if sigint else [signal.SIGTERM]
+    if sigint and submitit_signal() is not None:  # hand_back gives it to submitit's handler after the stop
+        signals.append(submitit_signal())
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT) if sigint else (signal.SIGTERM,):
+        for sig in signals:
             previous = signal.signal(sig, handler)
             if previous is not handler:
                 _previous.setdefault(sig, previous)

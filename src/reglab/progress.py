@@ -261,6 +261,9 @@ class Sweep:
             keys = [frozenset(m) for m in ev.get("members") or []]
             for m in ev.get("members") or []:
                 member = self._member(m)
+                if member.status == "stopped":  # its job requeued (submitit after a time limit) or run again
+                    self.finished -= 1
+                    member.status = "pending"
                 if member.status == "pending":
                     member.status, member.job = "running", num
             self.jobs[num] = JobState(num, keys, t)
@@ -306,7 +309,9 @@ class Sweep:
         if member.status == "failed":
             return f"{member.label}  failed: {member.error}  {self.count()}"
         if member.status == "stopped":
-            return f"{member.label}  stopped by {preemption.name()} (the rerun continues it)  {self.count()}"
+            # The job's own reason (the signal came to its process: SIGTERM, submitit's SIGUSR2), up to its advice.
+            reason = (member.error or "").split(";")[0] or f"stopped by {preemption.name()}"
+            return f"{member.label}  {reason} (the rerun continues it)  {self.count()}"
         m = member.metrics
         errs = [f"test/err={m['test/err']:.4f}"] if "test/err" in m else []
         errs += [f"{k}={m[k]:.4f}" for k in TRAIN_ERR if k in m][:1]
