@@ -71,8 +71,39 @@ def hand_back() -> None:
     exited at once: Lightning marked the run FAILED and every requeued attempt started over from epoch 0."""
     sig = submitit_signal()
     previous = _previous.get(sig) if sig is not None and requested() and _signal == sig else None
+    if not callable(previous):
+        return
+    _cancel_fallback()  # the stop came in time
+    try:
+        previous(sig, None)  # exits the process (SystemExit) once the job is requeued
+    except Exception as e:  # not requeued (max_num_timeout reached, scontrol failed): the job ends as stopped
+        import sys
+
+        print(f"submitit did not requeue this job ({type(e).__name__}: {e}); rerun the same command to continue "
+              "its runs", file=sys.stderr, flush=True)
+
+
+# Seconds after submitit's warning at which its handler runs anyway if the job has not reached a point where it
+# stops (a long data set-up, a tracking server retrying): the job is requeued, its runs left as a kill -9 leaves
+# them (resumed from last.ckpt when their history reaches it). Inside SLURM's signal_delay_s (120 s in
+# conf/hydra/launcher/slurm.yaml); a fit stops well before it (callbacks.checkpoint.stop_within_s, 20 s).
+SUBMITIT_FALLBACK_S = 60
+
+
+_fallback_set = False
+
+
+def _submitit_fallback(signum, frame) -> None:
+    previous = _previous.get(submitit_signal() or -1)
     if callable(previous):
-        previous(sig, None)
+        previous(submitit_signal(), frame)
+
+
+def _cancel_fallback() -> None:
+    global _fallback_set
+    if _fallback_set:
+        signal.alarm(0)
+        _fallback_set = False
 
 
 def exit_status() -> int:
@@ -153,6 +184,11 @@ def handler(signum, frame) -> None:
             raise KeyboardInterrupt
     if _requested_at is None:
         _requested_at, _signal = time.monotonic(), signum
+        if signum == submitit_signal() and callable(_previous.get(signum)):
+            global _fallback_set
+            signal.signal(signal.SIGALRM, _submitit_fallback)
+            signal.alarm(SUBMITIT_FALLBACK_S)
+            _fallback_set = True
         if os.getpid() == _launcher_pid:
             if signum == signal.SIGINT:  # os.write: a print here could re-enter a print the signal interrupted
                 os.write(2, b"\nCtrl-C: every run finishes its epoch (or stops within callbacks.checkpoint."
@@ -186,6 +222,7 @@ def reset() -> None:
     preempted run (tests that train in-process)."""
     global _requested_at, _signal, _interrupts
     _requested_at, _signal, _interrupts = None, signal.SIGTERM, 0
+    _cancel_fallback()
     for sig, previous in _previous.items():
         with contextlib.suppress(ValueError, TypeError):  # not the main thread; a handler set from C (None)
             signal.signal(sig, previous)
