@@ -34,6 +34,7 @@ _signal: int = signal.SIGTERM  # the one that came first
 _interrupts = 0  # Ctrl-Cs so far
 _previous: dict[int, object] = {}  # the handlers install() replaced, which reset() puts back
 _launcher_pid: int | None = None  # the process that forwards SIGTERM to its workers
+_fallback_set = False  # an alarm of SUBMITIT_FALLBACK_S is pending
 
 
 class Preempted(BaseException):
@@ -88,9 +89,6 @@ def hand_back() -> None:
 # them (resumed from last.ckpt when their history reaches it). Inside SLURM's signal_delay_s (120 s in
 # conf/hydra/launcher/slurm.yaml); a fit stops well before it (callbacks.checkpoint.stop_within_s, 20 s).
 SUBMITIT_FALLBACK_S = 60
-
-
-_fallback_set = False
 
 
 def _submitit_fallback(signum, frame) -> None:
@@ -176,7 +174,7 @@ def handler(signum, frame) -> None:
     # at points where stopping loses nothing; a second Ctrl-C only brings the stop forward to the next batch (raised
     # from here, mid-write, it left epochs in the store past the history's tag: logged twice on resume, seen). A
     # third is the user's "now": Python's KeyboardInterrupt, the run left as a kill -9 leaves it.
-    global _requested_at, _signal, _interrupts
+    global _requested_at, _signal, _interrupts, _fallback_set
     if signum == signal.SIGINT:
         _interrupts += 1
         if _interrupts > 2:
@@ -185,7 +183,6 @@ def handler(signum, frame) -> None:
     if _requested_at is None:
         _requested_at, _signal = time.monotonic(), signum
         if signum == submitit_signal() and callable(_previous.get(signum)):
-            global _fallback_set
             signal.signal(signal.SIGALRM, _submitit_fallback)
             signal.alarm(SUBMITIT_FALLBACK_S)
             _fallback_set = True
