@@ -232,6 +232,7 @@ def test_a_submitit_job_warned_of_its_time_limit_is_requeued_and_continues_its_r
     client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"  # the same run, continued: before, one FAILED run per attempt
+    assert "reglab.resumable" not in run.data.tags and "SIGUSR2" in run.data.tags["reglab.stopped_by"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(epochs))
 
 

@@ -140,3 +140,4 @@ def test_ctrl_c_keeps_a_single_run_resumable_and_the_same_command_continues_it(t
     client, runs = _runs(uri)
     assert [r.info.run_id for r in runs] == [stopped.info.run_id]  # the same run, continued
     assert runs[0].info.status == "FINISHED" and _steps(client, runs[0]) == list(range(EPOCHS))
+    assert "reglab.resumable" not in runs[0].data.tags  # finished: nothing left to resume (before: the tag stayed)

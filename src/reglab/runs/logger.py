@@ -68,6 +68,7 @@ class RunLogger(MLFlowLogger):
         self._monitor = None
         self.ending = False  # `end()` has been called: Lightning's finalize("success") ends the run only then
         self.member = False  # a population member: the population's checkpoint files are not this run's (log_model)
+        self.resuming = run.run_id is not None  # an interrupted run continued: reopened at first use (experiment)
 
     @property
     def experiment(self):
@@ -78,12 +79,20 @@ class RunLogger(MLFlowLogger):
             return self._mlflow_client
         before = os.environ.get("MLFLOW_TRACKING_URI")
         try:
-            return super().experiment
+            client = super().experiment
         finally:
             if before is None:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = before
+        if self.resuming and rank_zero_only.rank == 0:  # other ranks' client is Lightning's stand-in
+            self.resuming = False
+            # Running again: the store says so while it trains, and a finished run keeps no stale reglab.resumable
+            # (the tag reglab.stopped_by stays: what interrupted it last).
+            if client.get_run(self.run_id).data.tags.get(RESUMABLE_TAG):
+                client.delete_tag(self.run_id, RESUMABLE_TAG)
+            client.update_run(self.run_id, status="RUNNING")
+        return client
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
