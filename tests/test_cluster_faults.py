@@ -24,7 +24,7 @@ import torch
 
 from conftest import compose, with_store
 from mlflow_server import free_port, mlflow_server
-from train_cli import SCRIPT, TINY, logged_epoch, train_cli, train_env
+from train_cli import SCRIPT, TINY, logged_epoch, signal_once_checkpointed, train_cli, train_env
 
 pytestmark = pytest.mark.cluster
 
@@ -199,7 +199,6 @@ def test_a_submitit_job_warned_of_its_time_limit_is_requeued_and_continues_its_r
     job with SIGUSR2 (SLURM's --signal, signal_delay_s before the limit); reglab takes it as a stop request (epoch
     end, last.ckpt, run KILLED and resumable) and then lets submitit requeue the job. Before, submitit's handler
     exited mid-step: Lightning marked the run FAILED and every requeued attempt started over from epoch 0."""
-    import psutil
     from mlflow.tracking import MlflowClient
 
     root = with_store(tmp_path / "root", empty_store)
@@ -207,26 +206,12 @@ def test_a_submitit_job_warned_of_its_time_limit_is_requeued_and_continues_its_r
     args = ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *TINY, "logger.log_model=false",
             f"trainer.max_epochs={epochs}", "callbacks.early_stopping=null", f"paths.root={root}",
             f"hydra.sweep.dir={root}/sweep"]
-    with open(root / "sweep.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=root, env=train_env(), stdout=log,
-                                stderr=log, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 180
-            while not list(root.glob("outputs/checkpoints/*/last.ckpt")) and proc.poll() is None \
-                    and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert proc.poll() is None, "the sweep ended before its job could be warned"
-            [job] = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                     if "submitit.core._submit" in " ".join(p.cmdline())]
-            job.send_signal(signal.SIGUSR2)  # what SLURM sends signal_delay_s before the time limit
-            proc.wait(timeout=240)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    # SIGUSR2 is what SLURM sends signal_delay_s before the time limit.
+    code = signal_once_checkpointed(*args, root=root, log=root / "sweep.log", pick="submitit.core._submit",
+                                    sig=signal.SIGUSR2)
     output = (root / "sweep.log").read_text()
     job_log = "".join(f.read_text() for f in (root / "sweep" / ".submitit").glob("*/*_log.*"))
-    assert proc.returncode == 0, output[-3000:] + job_log[-3000:]
+    assert code == 0, output[-3000:] + job_log[-3000:]
     assert "Requeued job" in job_log and "stopped by SIGUSR2" in job_log, job_log[-3000:]
     assert "sweep: 1/1 members" in output, output[-2000:]
     client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")

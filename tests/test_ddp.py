@@ -3,11 +3,9 @@ to one rank stops both at the same point."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -49,36 +47,20 @@ def test_sigterm_to_one_rank_stops_both_together_and_the_rerun_continues(tmp_pat
     """SIGTERM reaches the ranks of a DDP job at their own moments, or (a user's `kill`) one rank only. Both ranks
     must stop at the same point, writing last.ckpt together, and leave; before, the signalled rank stopped alone and
     rank 0 crashed in its next collective or waited forever at the checkpoint's barrier."""
-    import psutil
     from mlflow.tracking import MlflowClient
 
     from conftest import with_store
-    from train_cli import SCRIPT, logged_epoch, train_env
+    from train_cli import SCRIPT, logged_epoch, signal_once_checkpointed, train_env
 
     root = with_store(tmp_path / "root", empty_store)
-    args = [str(SCRIPT), "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=120",
+    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=120",
             "callbacks.early_stopping=null", "data=digits", "data.batch_size=32", "model.width=32",
             f"paths.root={root}", "logger.log_model=false", f"hydra.run.dir={root}/run"]
-    env = train_env(CUDA_VISIBLE_DEVICES="")
-    with open(root / "preempted.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, *args], cwd=root, env=env, stdout=log, stderr=log,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + 180
-            while not list(root.glob("outputs/checkpoints/*/last.ckpt")) and proc.poll() is None \
-                    and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(1.0)  # mid-run: ~0.1 s per epoch here, 120 epochs
-            assert proc.poll() is None, "the run ended before it could be preempted"
-            [rank1] = [p for p in psutil.Process(proc.pid).children() if "scripts/train.py" in " ".join(p.cmdline())]
-            rank1.send_signal(signal.SIGTERM)  # rank 1 only: rank 0 must learn it from rank 1
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    # Rank 1 only (a child of rank 0, mid-run: ~0.1 s per epoch here): rank 0 must learn it from rank 1.
+    code = signal_once_checkpointed(*args, root=root, log=root / "preempted.log", pick="scripts/train.py",
+                                    sig=signal.SIGTERM, settle=1.0, wait=60, CUDA_VISIBLE_DEVICES="")
     output = (root / "preempted.log").read_text()
-    assert proc.returncode == 143, output[-3000:]
+    assert code == 143, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     # One line, from rank 0; rank 1 leaves quietly with status 0 (Lightning's launcher kills rank 0 when another rank
     # exits non-zero, perhaps before rank 0 has marked its run resumable).
@@ -90,7 +72,8 @@ def test_sigterm_to_one_rank_stops_both_together_and_the_rerun_continues(tmp_pat
     [cut] = client.search_runs(experiments)
     assert cut.info.status == "KILLED" and cut.data.tags.get("reglab.resumable") == "true"
 
-    rerun = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    rerun = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=root, env=train_env(CUDA_VISIBLE_DEVICES=""),
+                           capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     [run] = client.search_runs(experiments)
     assert run.info.run_id == cut.info.run_id and run.info.status == "FINISHED"  # continued, not started over

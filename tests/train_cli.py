@@ -179,6 +179,33 @@ def kill_once_logged(*args: str, root: Path, epoch: int, timeout: float = 180) -
     return logged_epoch(root)
 
 
+def signal_once_checkpointed(*args: str, root: Path, log: Path, pick: str, sig: int, settle: float = 0.0,
+                             wait: float = 240, **extra_env: str) -> int:
+    """The CLI in the background, in a session of its own (output in `log`); once a run under `root` has a
+    last.ckpt (and `settle` seconds more), `sig` goes to the one process below it whose command line contains
+    `pick` (a DDP rank, a submitit job). Returns the CLI's exit status; its whole group is killed if it outlives
+    `wait` seconds after the signal."""
+    import psutil
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=root, env=train_env(**extra_env),
+                                stdout=out, stderr=out, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while not list(root.glob("outputs/checkpoints/*/last.ckpt")) and proc.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(settle)
+            assert proc.poll() is None, f"it ended before the signal:\n{log.read_text()[-3000:]}"
+            [target] = [p for p in psutil.Process(proc.pid).children(recursive=True) if pick in " ".join(p.cmdline())]
+            target.send_signal(sig)
+            return proc.wait(timeout=wait)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 def train_cli(*args: str, cwd: Path, timeout: float = 120, fresh: bool = False, prefix: Sequence[str] = (),
               preexec_fn: Callable[[], Any] | None = None, script: Path = SCRIPT,
               **extra_env: str) -> subprocess.CompletedProcess:
