@@ -191,9 +191,8 @@ class Checkpoint(ModelCheckpoint):
                                            "(callbacks.checkpoint.save_last=false: no checkpoint to continue from)")
             return
         linked = self._last_global_step_saved == trainer.global_step and self._link_last(trainer, monitor_candidates)
-        # On every rank or none (the interval is each rank's own clock), as in _on_any_rank.
-        if on_any_rank(trainer, not linked and (stopping or self._due(trainer) and
-                                                      time.monotonic() - self._last_written_at >= self.last_every_s)):
+        due = self._due(trainer) and time.monotonic() - self._last_written_at >= self.last_every_s
+        if on_any_rank(trainer, not linked and (stopping or due)):  # each rank times the interval on its own clock
             self._save_last_checkpoint(trainer, monitor_candidates)
         if stopping:
             raise preemption.Preempted(f"stopped by {preemption.name()} after epoch {trainer.current_epoch}; "

@@ -26,6 +26,7 @@ from lightning.pytorch import callbacks
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from omegaconf import DictConfig
 
+from reglab.checkpoint import on_any_rank
 from reglab.errors import ConfigError
 
 STRATEGIES = ("none", "retrain", "continue")
@@ -104,7 +105,7 @@ class StopBelow(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.last = mean_loss(pl_module, self.dm, self.x, self.y)
         # DDP: one rank's float rounding must not stop it alone (Lightning does not share should_stop)
-        if trainer.strategy.reduce_boolean_decision(self.last <= self.target, all=False):
+        if on_any_rank(trainer, self.last <= self.target):
             trainer.should_stop = True
 
 

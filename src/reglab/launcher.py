@@ -57,8 +57,7 @@ def visible_gpus(setting: Any) -> list[str]:
     if bad:
         given = f"gives {len(shell)}: use indices 0..{len(shell) - 1} into that list, or auto" if shell else \
             "hides every GPU"
-        raise ConfigError(f"launcher.gpus={list(ids) if not isinstance(setting, int) else setting!r} asks for GPU(s) "
-                          f"{bad} but CUDA_VISIBLE_DEVICES={env!r} {given}")
+        raise ConfigError(f"launcher.gpus={setting!r} asks for GPU(s) {bad} but CUDA_VISIBLE_DEVICES={env!r} {given}")
     return [shell[g] for g in ids]
 
 
